@@ -1,0 +1,255 @@
+"""The bundle manifest: the single contract between ``dymoe export`` and ``dymoe run``.
+
+Plain dataclasses, a schema version, and a sha256 for every file. The reader is strict: an
+unknown or missing field is an error naming the field, so a bundle written by a different
+version never half-works. The runtime finds every file through this manifest, never by name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dymoe.errors import BundleError, ChecksumError
+from dymoe.fsutil import atomic_write_text, sha256_file
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+
+
+@dataclass
+class ModelSpec:
+    """Architecture facts, in one canonical vocabulary for every supported ``model_type``."""
+
+    model_type: str
+    hidden_size: int
+    vocab_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    num_experts: int
+    top_k: int
+    expert_intermediate_size: int
+    shared_intermediate_size: int  # 0: no shared expert
+    shared_expert_gate: bool  # shared expert output scaled by sigmoid(x . w)
+    norm_topk_prob: bool  # renormalise the top-k routing weights to sum to 1
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    sliding_window: int | None
+    qk_norm: str  # "none" | "head" (RMSNorm per head, Qwen3) | "full" (over all heads, OLMoE)
+    clip_qkv: float | None  # clamp q, k, v projections to +-clip_qkv (OLMoE option)
+    attention_bias: bool
+    tie_word_embeddings: bool
+    bos_token_id: int | None
+    eos_token_ids: list[int]
+
+
+@dataclass
+class FileEntry:
+    bytes: int
+    sha256: str
+
+
+@dataclass
+class ExpertVariant:
+    path: str
+    precision: str
+    weight_rel_error: float  # ||W - W_q|| / ||W|| over gate, up and down together
+    output_rel_error: float  # ||y - y_q|| / ||y|| on a fixed seeded Gaussian input
+
+
+@dataclass
+class ExpertEntry:
+    layer: int
+    expert: int
+    variants: dict[str, ExpertVariant]
+
+
+@dataclass
+class Backbone:
+    embed: str
+    layers: list[str]
+    head: str
+
+
+@dataclass
+class Quantization:
+    precisions: list[str]  # highest first
+    block_size: int
+    method: str  # "rtn"
+    formats: dict[str, str]  # precision -> "float" | "qdq" | "matmulnbits"
+
+
+@dataclass
+class Source:
+    model: str
+    model_type: str
+    fingerprint_sha256: str
+    source_bytes: int
+
+
+@dataclass
+class Manifest:
+    schema_version: int
+    dymoe_version: str
+    created_utc: str
+    source: Source
+    model: ModelSpec
+    quantization: Quantization
+    tools: dict[str, str]
+    tokenizer: list[str]
+    backbone: Backbone
+    experts: list[ExpertEntry]
+    files: dict[str, FileEntry] = field(default_factory=dict)
+
+    def expert(self, layer: int, expert: int) -> ExpertEntry:
+        entry = self.experts[layer * self.model.num_experts + expert]
+        assert entry.layer == layer and entry.expert == expert
+        return entry
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=1, sort_keys=False) + "\n"
+
+    def write(self, bundle: Path) -> None:
+        atomic_write_text(Path(bundle) / MANIFEST_NAME, self.to_json())
+
+
+def _convert(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _convert(inner, value, where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise _bad(where, "a list", value)
+        (inner,) = typing.get_args(tp)
+        return [_convert(inner, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise _bad(where, "an object", value)
+        _, inner = typing.get_args(tp)
+        return {str(k): _convert(inner, v, f"{where}.{k}") for k, v in value.items()}
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _bad(where, "a number", value)
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _bad(where, "an integer", value)
+        return value
+    if tp in (str, bool):
+        if not isinstance(value, tp):
+            raise _bad(where, f"a {tp.__name__}", value)
+        return value
+    raise TypeError(f"unsupported manifest field type {tp!r} at {where}")
+
+
+def _bad(where: str, what: str, value: Any) -> BundleError:
+    return BundleError(
+        f"manifest.json: field '{where}' must be {what}, not {type(value).__name__}",
+        "the bundle is corrupt or from another dymoe version; re-export it",
+    )
+
+
+def from_dict(cls: type, data: Any, where: str = "") -> Any:
+    """Build dataclass ``cls`` from ``data``, rejecting unknown and missing fields by name."""
+    if not isinstance(data, dict):
+        raise _bad(where or "(top level)", "an object", data)
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise BundleError(
+            f"manifest.json: unknown field '{_join(where, unknown[0])}'",
+            "the bundle was written by a newer or different dymoe; re-export it with this version",
+        )
+    kwargs = {}
+    for name, f in fields.items():
+        if name not in data:
+            has_default = f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+            if has_default:
+                continue
+            raise BundleError(
+                f"manifest.json: missing field '{_join(where, name)}'",
+                "the bundle is incomplete or from an older dymoe; re-export it",
+            )
+        kwargs[name] = _convert(hints[name], data[name], _join(where, name))
+    return cls(**kwargs)
+
+
+def _join(where: str, name: str) -> str:
+    return f"{where}.{name}" if where else name
+
+
+def read_manifest(bundle: Path) -> Manifest:
+    """Read and validate ``BUNDLE/manifest.json`` (structure only; see :func:`verify_file`)."""
+    bundle = Path(bundle)
+    path = bundle / MANIFEST_NAME
+    if not bundle.is_dir():
+        raise BundleError(f"no bundle folder at {bundle}", "create one with: dymoe export MODEL --out BUNDLE")
+    if not path.is_file():
+        hint = "rerun the same dymoe export command to finish it" if any(bundle.iterdir()) else (
+            "create one with: dymoe export MODEL --out BUNDLE")
+        raise BundleError(f"{bundle} has no manifest.json (an unfinished or foreign folder)", hint)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BundleError(f"{path} is not valid JSON ({e})", "re-export the bundle") from None
+    version = data.get("schema_version") if isinstance(data, dict) else None
+    if version != SCHEMA_VERSION:
+        raise BundleError(
+            f"{path}: schema_version {version!r}, this dymoe reads {SCHEMA_VERSION}",
+            "re-export the bundle with this dymoe version",
+        )
+    return from_dict(Manifest, data)
+
+
+def verify_file(bundle: Path, manifest: Manifest, rel: str) -> Path:
+    """Check one bundle file's size and sha256 against the manifest; return its path."""
+    entry = manifest.files.get(rel)
+    if entry is None:
+        raise BundleError(f"manifest.json lists no file {rel}", "re-export the bundle")
+    path = Path(bundle) / rel
+    if not path.is_file():
+        raise BundleError(f"bundle file missing: {path}", "re-export the bundle (or restore the file)")
+    size = path.stat().st_size
+    if size != entry.bytes or sha256_file(path) != entry.sha256:
+        raise ChecksumError(
+            f"checksum mismatch: {path} does not match manifest.json "
+            f"({size} bytes, expected {entry.bytes})",
+            "the file was changed or damaged; re-export the bundle",
+        )
+    return path
+
+
+def read_verified(bundle: Path, manifest: Manifest, rel: str) -> bytes:
+    """Read a bundle file once, checking its size and sha256; the bytes go straight to ORT."""
+    import hashlib
+
+    entry = manifest.files.get(rel)
+    if entry is None:
+        raise BundleError(f"manifest.json lists no file {rel}", "re-export the bundle")
+    path = Path(bundle) / rel
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise BundleError(f"bundle file missing: {path}", "re-export the bundle (or restore the file)") from None
+    if len(data) != entry.bytes or hashlib.sha256(data).hexdigest() != entry.sha256:
+        raise ChecksumError(
+            f"checksum mismatch: {path} does not match manifest.json "
+            f"({len(data)} bytes, expected {entry.bytes})",
+            "the file was changed or damaged; re-export the bundle",
+        )
+    return data

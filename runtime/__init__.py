@@ -1,0 +1,1 @@
+"""dymoe.runtime: generate text from a bundle with ONNX Runtime (no torch)."""

@@ -1,0 +1,49 @@
+"""An opened bundle: its manifest, and sessions built from checksum-verified bytes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dymoe.errors import BundleError, InputError
+from dymoe.manifest import Manifest, read_manifest, read_verified
+
+from .sessions import backbone_threads, create_session
+
+
+class Bundle:
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.manifest: Manifest = read_manifest(self.path)
+        self.spec = self.manifest.model
+
+    @property
+    def precisions(self) -> list[str]:
+        return self.manifest.quantization.precisions
+
+    def check_precision(self, precision: str) -> str:
+        if precision not in self.precisions:
+            raise InputError(
+                f"precision {precision!r} is not in this bundle (it has {', '.join(self.precisions)})",
+                "choose one of those, or re-export with --precisions including it",
+            )
+        return precision
+
+    def read(self, rel: str) -> bytes:
+        return read_verified(self.path, self.manifest, rel)
+
+    def session(self, rel: str, threads: int | None = None):
+        return create_session(self.read(rel), threads or backbone_threads(), str(self.path / rel))
+
+    def expert_rel(self, layer: int, expert: int, precision: str) -> str:
+        try:
+            return self.manifest.expert(layer, expert).variants[precision].path
+        except (KeyError, IndexError):
+            raise BundleError(f"manifest.json has no {precision} variant of expert {expert} in layer {layer}",
+                              "re-export the bundle") from None
+
+    def tokenizer_path(self) -> Path:
+        rel = "tokenizer/tokenizer.json"
+        if rel not in self.manifest.tokenizer:
+            raise BundleError(f"bundle {self.path} has no tokenizer", "re-export from a folder with tokenizer.json")
+        self.read(rel)  # verify the checksum before trusting it
+        return self.path / rel

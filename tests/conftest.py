@@ -1,0 +1,34 @@
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny_models import ARCHS, make_tiny_model  # noqa: E402
+
+from dymoe.toolchain.export import ExportOptions, export  # noqa: E402
+
+TEST_PRECISIONS = ("fp32", "int8", "int4", "int2")
+
+
+class TinyCase:
+    def __init__(self, arch: str, root: Path, **overrides) -> None:
+        self.arch = arch
+        self.src = root / "src"
+        self.bundle = root / "bundle"
+        self.model = make_tiny_model(arch, self.src, **overrides)
+        export(str(self.src), self.bundle, ExportOptions(precisions=TEST_PRECISIONS, progress=False))
+
+
+@pytest.fixture(scope="session", params=ARCHS)
+def tiny(request, tmp_path_factory) -> TinyCase:
+    """One tiny random model per architecture, exported once per test session."""
+    return TinyCase(request.param, tmp_path_factory.mktemp(request.param))
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3(tmp_path_factory) -> TinyCase:
+    return TinyCase("qwen3_moe", tmp_path_factory.mktemp("qwen3_single"))

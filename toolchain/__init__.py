@@ -1,0 +1,1 @@
+"""dymoe.toolchain: read Hugging Face MoE checkpoints and write dymoe bundles."""

@@ -1,0 +1,137 @@
+"""Config parsing and tensor-name helpers shared by the architecture modules."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dymoe.errors import CheckpointError
+from dymoe.manifest import ModelSpec
+
+from ..layout import Ref
+
+
+def need(cfg: dict, *keys: str) -> Any:
+    """The first of ``keys`` present in config.json, or a clear error naming them."""
+    for k in keys:
+        if cfg.get(k) is not None:
+            return cfg[k]
+    raise CheckpointError(
+        f"config.json lacks '{keys[0]}' (model_type {cfg.get('model_type')!r})",
+        "the config is incomplete; compare it with the model's original config.json",
+    )
+
+
+def rope_theta(cfg: dict) -> float:
+    params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind != "default":
+        raise CheckpointError(
+            f"rope type {kind!r} is not supported yet (only the default rotary embedding)",
+            "export a model without rope scaling, or report this model to the dymoe developers",
+        )
+    return float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+
+
+def eos_ids(cfg: dict) -> list[int]:
+    eos = cfg.get("eos_token_id")
+    if eos is None:
+        return []
+    ids = eos if isinstance(eos, list) else [eos]
+    vocab = int(cfg["vocab_size"])
+    return [int(i) for i in ids if 0 <= int(i) < vocab]
+
+
+def reject_dense_layers(cfg: dict) -> None:
+    """Qwen-style configs can make some layers dense; dymoe's layout needs every layer MoE."""
+    step = cfg.get("decoder_sparse_step", 1) or 1
+    dense = cfg.get("mlp_only_layers") or []
+    n = int(cfg["num_hidden_layers"])
+    if dense or any((layer + 1) % step for layer in range(n)):
+        raise CheckpointError(
+            "this checkpoint mixes dense and MoE layers (mlp_only_layers / decoder_sparse_step), "
+            "which dymoe does not export yet",
+            "use a checkpoint whose every layer is a MoE layer",
+        )
+
+
+def base_spec(cfg: dict, **arch: Any) -> ModelSpec:
+    """The fields every architecture reads the same way; ``arch`` supplies the rest."""
+    hidden = int(need(cfg, "hidden_size"))
+    heads = int(need(cfg, "num_attention_heads"))
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise CheckpointError(
+            f"hidden_act {cfg.get('hidden_act')!r} is not supported (dymoe's experts are SwiGLU)",
+            "export a model whose experts use silu",
+        )
+    fields: dict[str, Any] = dict(
+        model_type=str(cfg["model_type"]),
+        hidden_size=hidden,
+        vocab_size=int(need(cfg, "vocab_size")),
+        num_layers=int(need(cfg, "num_hidden_layers")),
+        num_heads=heads,
+        num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
+        head_dim=int(cfg.get("head_dim") or hidden // heads),
+        top_k=int(need(cfg, "num_experts_per_tok")),
+        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        rope_theta=rope_theta(cfg),
+        max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        bos_token_id=cfg.get("bos_token_id"),
+        eos_token_ids=eos_ids(cfg),
+        shared_intermediate_size=0,
+        shared_expert_gate=False,
+        sliding_window=None,
+        qk_norm="none",
+        clip_qkv=None,
+        attention_bias=False,
+    )
+    fields.update(arch)
+    return ModelSpec(**fields)
+
+
+def attention_refs(spec: ModelSpec, layer: int, prefix: str) -> dict[str, Ref]:
+    """``{prefix}self_attn.{q,k,v,o}_proj`` plus biases and q/k norms as the spec says."""
+    a = f"{prefix}self_attn."
+    c = f"layers.{layer}."
+    refs = {c + n: Ref(f"{a}{n}_proj.weight") for n in ("q", "k", "v", "o")}
+    if spec.attention_bias:
+        refs.update({c + f"{n}_bias": Ref(f"{a}{n}_proj.bias") for n in ("q", "k", "v")})
+    if spec.qk_norm != "none":
+        refs.update({c + "q_norm": Ref(f"{a}q_norm.weight"), c + "k_norm": Ref(f"{a}k_norm.weight")})
+    refs[c + "attn_norm"] = Ref(f"{prefix}input_layernorm.weight")
+    refs[c + "ffn_norm"] = Ref(f"{prefix}post_attention_layernorm.weight")
+    return refs
+
+
+def expert_refs(
+    spec: ModelSpec,
+    layer: int,
+    experts_prefix: str,
+    names: set[str],
+    unfused: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj"),
+) -> dict[str, Ref]:
+    """Routed experts, either one tensor per expert and matrix (what HF checkpoints hold on
+    disk) or transformers 5's fused in-memory form saved as is: ``gate_up_proj [E, 2I, H]``
+    (gate rows first, then up) and ``down_proj [E, H, I]``."""
+    c = f"layers.{layer}.experts."
+    I = spec.expert_intermediate_size
+    refs: dict[str, Ref] = {}
+    if f"{experts_prefix}gate_up_proj" in names:
+        for e in range(spec.num_experts):
+            refs[f"{c}{e}.gate"] = Ref(f"{experts_prefix}gate_up_proj", index=e, rows=(0, I))
+            refs[f"{c}{e}.up"] = Ref(f"{experts_prefix}gate_up_proj", index=e, rows=(I, 2 * I))
+            refs[f"{c}{e}.down"] = Ref(f"{experts_prefix}down_proj", index=e)
+        return refs
+    g, u, d = unfused
+    for e in range(spec.num_experts):
+        refs[f"{c}{e}.gate"] = Ref(f"{experts_prefix}{e}.{g}.weight")
+        refs[f"{c}{e}.up"] = Ref(f"{experts_prefix}{e}.{u}.weight")
+        refs[f"{c}{e}.down"] = Ref(f"{experts_prefix}{e}.{d}.weight")
+    return refs
+
+
+def top_refs(spec: ModelSpec) -> dict[str, Ref]:
+    refs = {"embed": Ref("model.embed_tokens.weight"), "final_norm": Ref("model.norm.weight")}
+    if not spec.tie_word_embeddings:
+        refs["lm_head"] = Ref("lm_head.weight")
+    return refs

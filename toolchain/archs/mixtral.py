@@ -1,0 +1,31 @@
+"""Mixtral: ``block_sparse_moe`` with experts ``w1`` (gate), ``w3`` (up), ``w2`` (down);
+softmax router whose top-k weights are always renormalised; optional sliding window."""
+
+from __future__ import annotations
+
+from dymoe.manifest import ModelSpec
+
+from ..layout import Ref
+from ._common import attention_refs, base_spec, expert_refs, need, top_refs
+
+MODEL_TYPE = "mixtral"
+
+
+def spec_from_config(cfg: dict) -> ModelSpec:
+    return base_spec(
+        cfg,
+        num_experts=int(need(cfg, "num_local_experts")),
+        expert_intermediate_size=int(need(cfg, "intermediate_size")),
+        norm_topk_prob=True,
+        sliding_window=cfg.get("sliding_window"),
+    )
+
+
+def tensor_map(spec: ModelSpec, names: set[str]) -> dict[str, Ref]:
+    refs = top_refs(spec)
+    for layer in range(spec.num_layers):
+        p = f"model.layers.{layer}."
+        refs.update(attention_refs(spec, layer, p))
+        refs[f"layers.{layer}.router"] = Ref(f"{p}block_sparse_moe.gate.weight")
+        refs.update(expert_refs(spec, layer, f"{p}block_sparse_moe.experts.", names, ("w1", "w3", "w2")))
+    return refs

@@ -1,0 +1,34 @@
+"""OLMoE: RMSNorm over the whole q and k projections (``q_norm [heads*head_dim]``, applied
+before splitting heads), optional ``clip_qkv``, no shared expert."""
+
+from __future__ import annotations
+
+from dymoe.manifest import ModelSpec
+
+from ..layout import Ref
+from ._common import attention_refs, base_spec, expert_refs, need, top_refs
+
+MODEL_TYPE = "olmoe"
+
+
+def spec_from_config(cfg: dict) -> ModelSpec:
+    clip = cfg.get("clip_qkv")
+    return base_spec(
+        cfg,
+        num_experts=int(need(cfg, "num_experts")),
+        expert_intermediate_size=int(need(cfg, "intermediate_size")),
+        norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
+        attention_bias=bool(cfg.get("attention_bias", False)),
+        qk_norm="full",
+        clip_qkv=float(clip) if clip is not None else None,
+    )
+
+
+def tensor_map(spec: ModelSpec, names: set[str]) -> dict[str, Ref]:
+    refs = top_refs(spec)
+    for layer in range(spec.num_layers):
+        p = f"model.layers.{layer}."
+        refs.update(attention_refs(spec, layer, p))
+        refs[f"layers.{layer}.router"] = Ref(f"{p}mlp.gate.weight")
+        refs.update(expert_refs(spec, layer, f"{p}mlp.experts.", names))
+    return refs

@@ -1,0 +1,170 @@
+"""A torch-free safetensors reader that loads one tensor (or one slice of one) at a time.
+
+The format is an 8-byte little-endian header length, a JSON header mapping each tensor name to
+``dtype``, ``shape`` and ``data_offsets`` (relative to the end of the header), then the raw bytes.
+Reading by offsets keeps memory at one tensor and lets us read bf16, which numpy cannot name:
+bf16 is the top half of a float32, so widening is a 16-bit shift.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from dymoe.errors import CheckpointError
+
+_DTYPES = {
+    "F32": (np.dtype("<f4"), 4),
+    "F16": (np.dtype("<f2"), 2),
+    "BF16": (np.dtype("<u2"), 2),
+    "F64": (np.dtype("<f8"), 8),
+}
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str  # safetensors dtype string, e.g. "BF16"
+    shape: tuple[int, ...]
+    begin: int  # absolute byte offset in the file
+    end: int
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+class SafetensorsFile:
+    """One ``.safetensors`` file, validated on open (header, offsets, file size)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise CheckpointError(
+                f"missing safetensors file: {self.path}",
+                "check the checkpoint folder is complete (re-download the missing shard)",
+            )
+        size = self.path.stat().st_size
+        with open(self.path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise self._corrupt("file is shorter than the 8-byte header length")
+            (n,) = struct.unpack("<Q", head)
+            if n > _MAX_HEADER or 8 + n > size:
+                raise self._corrupt(f"header length {n} does not fit in a {size}-byte file")
+            try:
+                header = json.loads(f.read(n))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise self._corrupt(f"header is not valid JSON ({e})") from None
+        if not isinstance(header, dict):
+            raise self._corrupt("header is not a JSON object")
+        self.metadata = header.pop("__metadata__", None) or {}
+        base = 8 + n
+        self.tensors: dict[str, TensorInfo] = {}
+        for name, entry in header.items():
+            try:
+                dtype, shape, (b, e) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+            except (KeyError, TypeError, ValueError):
+                raise self._corrupt(f"tensor {name!r} has a malformed header entry") from None
+            if dtype not in _DTYPES:
+                raise CheckpointError(
+                    f"tensor {name!r} in {self.path.name} has dtype {dtype}; dymoe reads "
+                    f"{', '.join(sorted(_DTYPES))}",
+                    "convert the checkpoint to bf16, fp16 or fp32 first",
+                )
+            info = TensorInfo(name, dtype, shape, base + b, base + e)
+            if info.end - info.begin != info.numel * _DTYPES[dtype][1] or b > e:
+                raise self._corrupt(f"tensor {name!r} byte range does not match its shape")
+            if info.end > size:
+                raise self._corrupt(
+                    f"tensor {name!r} ends at byte {info.end} but the file has {size} bytes "
+                    "(truncated?)"
+                )
+            self.tensors[name] = info
+
+    def _corrupt(self, why: str) -> CheckpointError:
+        return CheckpointError(
+            f"corrupt safetensors file {self.path}: {why}",
+            "re-download or re-save this file; the export cannot continue",
+        )
+
+    def keys(self) -> list[str]:
+        return list(self.tensors)
+
+    def read(self, name: str, index: int | None = None, rows: tuple[int, int] | None = None) -> np.ndarray:
+        """Read tensor ``name`` as float32; optionally only ``[index]`` and ``[..., rows]``.
+
+        ``index`` selects along the first axis (an expert of a fused ``[E, ...]`` tensor) and
+        ``rows`` a contiguous range along the next axis, so a fused slice is one contiguous read.
+        """
+        info = self.tensors[name]
+        np_dtype, width = _DTYPES[info.dtype]
+        shape = list(info.shape)
+        offset = info.begin
+        if index is not None:
+            inner = info.numel // shape[0]
+            offset += index * inner * width
+            shape = shape[1:]
+        if rows is not None:
+            r0, r1 = rows
+            row_elems = 1
+            for d in shape[1:]:
+                row_elems *= d
+            offset += r0 * row_elems * width
+            shape = [r1 - r0, *shape[1:]]
+        count = 1
+        for d in shape:
+            count *= d
+        with open(self.path, "rb") as f:
+            f.seek(offset)
+            raw = f.read(count * width)
+        if len(raw) != count * width:
+            raise self._corrupt(f"short read of tensor {name!r}")
+        arr = np.frombuffer(raw, dtype=np_dtype, count=count)
+        if info.dtype == "BF16":
+            out = arr.astype(np.uint32) << 16
+            return out.view(np.float32).reshape(shape)
+        return arr.astype(np.float32).reshape(shape)
+
+
+def write_safetensors(path: Path, tensors: dict[str, np.ndarray], dtype: str = "F32") -> None:
+    """Write float tensors (as F32, F16 or BF16) — used for synthetic checkpoints and tests.
+
+    Streams tensor by tensor, so a multi-GB synthetic checkpoint never sits in memory twice.
+    """
+    header: dict[str, dict] = {}
+    offset = 0
+    width = _DTYPES[dtype][1]
+    for name, t in tensors.items():
+        nbytes = int(np.prod(t.shape)) * width
+        header[name] = {"dtype": dtype, "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    tmp = Path(str(path) + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for t in tensors.values():
+            f.write(_encode(np.asarray(t), dtype))
+    os.replace(tmp, path)
+
+
+def _encode(t: np.ndarray, dtype: str) -> bytes:
+    if dtype == "F32":
+        return np.ascontiguousarray(t, dtype="<f4").tobytes()
+    if dtype == "F16":
+        return np.ascontiguousarray(t, dtype="<f2").tobytes()
+    # bf16: round to nearest even on the dropped 16 bits
+    u = np.ascontiguousarray(t, dtype="<f4").view(np.uint32).astype(np.uint64)
+    u = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+    return u.astype("<u2").tobytes()
