@@ -26,7 +26,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 out = Console()
 
 
@@ -74,7 +74,11 @@ def export(
     t0 = time.perf_counter()
     opts = ExportOptions(precisions=tuple(p.strip() for p in precisions.split(",") if p.strip()),
                          block_size=block_size, workers=workers, force=force, progress=sys.stderr.isatty())
-    manifest = run_export(model, out, opts)
+    try:
+        manifest = run_export(model, out, opts)
+    except KeyboardInterrupt:
+        raise DymoeError(f"export to {out} interrupted; finished files are kept",
+                         "rerun the same command to resume") from None
     total = sum(f.bytes for f in manifest.files.values())
     err.print(f"wrote {out} ({_mib(total)}, {len(manifest.files)} files) in {time.perf_counter() - t0:.1f} s")
 

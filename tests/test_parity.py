@@ -96,7 +96,7 @@ def test_quantized_bundle_computes_the_quantized_model(tiny, precision, tmp_path
 @pytest.mark.parametrize("precision", ["int8", "int4"])
 def test_quantized_bundle_default_kernels_stay_close(tiny, precision):
     """ORT's fast path quantizes activations to int8 on top of the weight error; the documented
-    bound (docs/quantization.md) is on the relative logit error against the fp32 bundle."""
+    bound (README, "Quantization") is on the relative logit error against the fp32 bundle."""
     fp32 = bundle_logits(tiny.bundle, "fp32")
     got = bundle_logits(tiny.bundle, precision)
     rel = np.linalg.norm(got - fp32) / np.linalg.norm(fp32)
