@@ -11,12 +11,13 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from dymoe import defaults
 from dymoe.errors import DymoeError
 
 app = typer.Typer(
@@ -56,11 +57,12 @@ def _mib(n: float) -> str:
 @app.command()
 @friendly
 def export(
-    model: Annotated[str, typer.Argument(help="Hugging Face checkpoint folder (or hub id, with huggingface_hub).")],
+    model: Annotated[str, typer.Argument(help="Hugging Face checkpoint folder, or a hub id (needs huggingface_hub).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Bundle folder to write.")],
-    precisions: Annotated[str, typer.Option(help="Comma list from fp32, fp16, int8, int4, int2.")] = "fp16,int8,int4,int2",
-    block_size: Annotated[int, typer.Option(help="Quantization block along the input features.")] = 32,
-    workers: Annotated[int, typer.Option(help="Parallel processes for expert quantization.")] = 1,
+    precisions: Annotated[str, typer.Option(
+        help="Comma list from fp32, fp16, int8, int4, int2.")] = ",".join(defaults.PRECISIONS),
+    block_size: Annotated[int, typer.Option(help="Quantization block along the input features.")] = defaults.BLOCK_SIZE,
+    workers: Annotated[int, typer.Option(help="Parallel processes for expert quantization.")] = defaults.EXPORT_WORKERS,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing bundle or unfinished export.")] = False,
 ) -> None:
     """Export a checkpoint to a bundle: one ONNX graph per expert and precision, the backbone,
@@ -126,12 +128,13 @@ def info(bundle: Annotated[Path, typer.Argument(help="Bundle folder.")]) -> None
 def run(
     bundle: Annotated[Path, typer.Argument(help="Bundle folder.")],
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="Text to continue.")],
-    max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate at most.")] = 64,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate at most.")] = defaults.MAX_NEW_TOKENS,
     temperature: Annotated[float, typer.Option(min=0.0, help="0 is greedy.")] = 0.0,
     top_p: Annotated[float, typer.Option(min=0.0, max=1.0, help="Nucleus sampling mass.")] = 1.0,
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
-    precision: Annotated[Optional[str], typer.Option(help="Run every expert at this precision (default: the bundle's highest).")] = None,  # noqa: UP007
-    metrics_json: Annotated[Optional[Path], typer.Option(help="Write timings, prompt and token ids here.")] = None,  # noqa: UP007
+    precision: Annotated[str | None, typer.Option(
+        help="Run every expert at this precision (default: the bundle's highest).")] = None,
+    metrics_json: Annotated[Path | None, typer.Option(help="Write timings, prompt and token ids here.")] = None,
 ) -> None:
     """Generate text from a bundle, streaming it to the terminal.
 

@@ -9,8 +9,14 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, numpy_helper
 
-from dymoe.toolchain.expert_graph import (BITS, PRECISIONS, ExpertQuantStats, build_expert_model,
-                                          effective_weights, reference_forward)
+from dymoe.toolchain.expert_graph import (
+    BITS,
+    PRECISIONS,
+    ExpertQuantStats,
+    build_expert_model,
+    effective_weights,
+    reference_forward,
+)
 from dymoe.toolchain.quantize import quantize_rtn
 
 H, I, B = 64, 96, 32
@@ -141,7 +147,7 @@ def test_error_ordering(weights):
 def test_stats_definition(weights):
     _, stats = build_expert_model(*weights, "int4", B)
     eff = effective_weights(*weights, "int4", B)
-    num = sum(np.sum((w - e) ** 2) for w, e in zip(weights, eff))
+    num = sum(np.sum((w - e) ** 2) for w, e in zip(weights, eff, strict=True))
     den = sum(np.sum(w ** 2) for w in weights)
     assert stats.weight_rel_error == pytest.approx(np.sqrt(num / den), rel=1e-5)
     xp = np.random.default_rng(0).standard_normal((16, H)).astype(np.float32)

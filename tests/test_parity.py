@@ -80,7 +80,7 @@ def _dequantized_reference(tiny, precision, tmp_path):
     proj = {"mixtral": ("w1", "w3", "w2")}.get(tiny.arch, ("gate_proj", "up_proj", "down_proj"))
     for e in experts:
         keys = [f"{e}.{p}.weight" for p in proj]
-        for k, w in zip(keys, effective_weights(*(tensors[k] for k in keys), precision, block)):
+        for k, w in zip(keys, effective_weights(*(tensors[k] for k in keys), precision, block), strict=True):
             tensors[k] = np.ascontiguousarray(w, dtype=np.float32)
     save_file(tensors, ref / "model.safetensors", metadata={"format": "pt"})
     return type(tiny.model).from_pretrained(ref).eval()

@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 
 from dymoe.toolchain import quantize as qz
-from dymoe.toolchain.quantize import (QuantizedMatrix, dequantize, pack_codes, quantize_rtn,
-                                      unpack_codes)
+from dymoe.toolchain.quantize import QuantizedMatrix, dequantize, pack_codes, quantize_rtn, unpack_codes
 
 # (bits, one block of one column, expected scale, expected zero point, expected codes).
 # Values are chosen so that scale is a power of two and everything is exact.

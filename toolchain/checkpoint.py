@@ -78,8 +78,12 @@ class Checkpoint:
         if index.is_file():
             try:
                 weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
-            except (KeyError, ValueError) as e:
+            except (KeyError, TypeError, ValueError, UnicodeDecodeError) as e:
                 raise CheckpointError(f"{index} is malformed ({e})", "re-download it") from None
+            if not isinstance(weight_map, dict) or not all(
+                    isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+                raise CheckpointError(f"{index}: weight_map must map tensor names to shard file names",
+                                      "re-download the index")
             for shard in sorted(set(weight_map.values())):
                 self._files[shard] = SafetensorsFile(self.folder / shard)
             for name, shard in weight_map.items():

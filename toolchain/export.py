@@ -21,6 +21,7 @@ from pathlib import Path
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 import dymoe
+from dymoe import defaults
 from dymoe.errors import BundleError, CheckpointError, InputError
 from dymoe.fsutil import atomic_write_bytes, atomic_write_text, sha256_file
 from dymoe.manifest import (
@@ -43,16 +44,14 @@ from .expert_graph import PRECISIONS, build_expert_model
 from .layout import Ref, check_coverage
 
 JOURNAL = ".dymoe-export.json"
-DEFAULT_PRECISIONS = ("fp16", "int8", "int4", "int2")
-DEFAULT_BLOCK_SIZE = 32
 FORMATS = {"fp32": "float", "fp16": "float", "int8": "qdq", "int4": "qdq", "int2": "matmulnbits"}
 
 
 @dataclass(frozen=True)
 class ExportOptions:
-    precisions: tuple[str, ...] = DEFAULT_PRECISIONS
-    block_size: int = DEFAULT_BLOCK_SIZE
-    workers: int = 1
+    precisions: tuple[str, ...] = defaults.PRECISIONS
+    block_size: int = defaults.BLOCK_SIZE
+    workers: int = defaults.EXPORT_WORKERS
     force: bool = False
     progress: bool = True
 
@@ -219,7 +218,8 @@ def export(model: str, out: Path, options: ExportOptions = ExportOptions()) -> M
         for e in range(spec.num_experts):
             if all(expert_path(layer, e, p) in done for p in precisions):
                 continue
-            jobs.append((_expert_task, (str(folder), str(out), spec, mapping, layer, e, precisions, options.block_size)))
+            args = (str(folder), str(out), spec, mapping, layer, e, precisions, options.block_size)
+            jobs.append((_expert_task, args))
     total = len(backbone_jobs) + spec.num_layers * spec.num_experts
     with Progress(TextColumn("[bold]export[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), TimeRemainingColumn(), disable=not options.progress, transient=False) as bar:

@@ -75,6 +75,9 @@ class SafetensorsFile:
                 dtype, shape, (b, e) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
             except (KeyError, TypeError, ValueError):
                 raise self._corrupt(f"tensor {name!r} has a malformed header entry") from None
+            if not isinstance(entry["shape"], list) or not all(_is_count(d) for d in shape) \
+                    or not (_is_count(b) and _is_count(e)):
+                raise self._corrupt(f"tensor {name!r} has a malformed header entry (shape or offsets)")
             if dtype not in _DTYPES:
                 raise CheckpointError(
                     f"tensor {name!r} in {self.path.name} has dtype {dtype}; dymoe reads "
@@ -110,6 +113,11 @@ class SafetensorsFile:
         np_dtype, width = _DTYPES[info.dtype]
         shape = list(info.shape)
         offset = info.begin
+        if index is not None and not (shape and 0 <= index < shape[0]):
+            raise IndexError(f"index {index} out of range for {name} {info.shape}")
+        if rows is not None and not (len(shape) > (index is not None)
+                                     and 0 <= rows[0] <= rows[1] <= shape[index is not None]):
+            raise IndexError(f"rows {rows} out of range for {name} {info.shape}")
         if index is not None:
             inner = info.numel // shape[0]
             offset += index * inner * width
@@ -164,7 +172,13 @@ def _encode(t: np.ndarray, dtype: str) -> bytes:
         return np.ascontiguousarray(t, dtype="<f4").tobytes()
     if dtype == "F16":
         return np.ascontiguousarray(t, dtype="<f2").tobytes()
-    # bf16: round to nearest even on the dropped 16 bits
-    u = np.ascontiguousarray(t, dtype="<f4").view(np.uint32).astype(np.uint64)
+    # bf16: round to nearest even on the dropped 16 bits; NaN stays a (quiet) NaN, as in torch
+    f = np.ascontiguousarray(t, dtype="<f4")
+    u = f.view(np.uint32).astype(np.uint64)
     u = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+    u = np.where(np.isnan(f), (f.view(np.uint32) >> 16) | 0x0040, u)
     return u.astype("<u2").tobytes()
+
+
+def _is_count(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0

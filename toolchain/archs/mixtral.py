@@ -26,6 +26,8 @@ def tensor_map(spec: ModelSpec, names: set[str]) -> dict[str, Ref]:
     for layer in range(spec.num_layers):
         p = f"model.layers.{layer}."
         refs.update(attention_refs(spec, layer, p))
-        refs[f"layers.{layer}.router"] = Ref(f"{p}block_sparse_moe.gate.weight")
-        refs.update(expert_refs(spec, layer, f"{p}block_sparse_moe.experts.", names, ("w1", "w3", "w2")))
+        # checkpoints name the block block_sparse_moe; transformers 5 in memory names it mlp
+        block = "mlp" if f"{p}mlp.experts.gate_up_proj" in names else "block_sparse_moe"
+        refs[f"layers.{layer}.router"] = Ref(f"{p}{block}.gate.weight")
+        refs.update(expert_refs(spec, layer, f"{p}{block}.experts.", names, ("w1", "w3", "w2")))
     return refs

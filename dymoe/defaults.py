@@ -1,0 +1,7 @@
+"""Defaults declared once, shared by the library API and the CLI (this module imports nothing
+heavy, so the CLI can show them in --help without loading onnx)."""
+
+PRECISIONS = ("fp16", "int8", "int4", "int2")  # export ladder; tests add fp32
+BLOCK_SIZE = 32  # chosen by measurement, see README "Quantization"
+EXPORT_WORKERS = 1
+MAX_NEW_TOKENS = 64
