@@ -3,7 +3,6 @@ that is byte-identical (per file) to an uninterrupted export."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -14,6 +13,7 @@ import pytest
 
 from dymoe.manifest import read_manifest, verify_file
 from dymoe.toolchain.export import JOURNAL
+from dymoe.toolchain.journal import read_journal
 from dymoe.toolchain.synthetic import write_synthetic_checkpoint
 
 ARGS = ["--precisions", "fp32,int8,int4,int2"]
@@ -32,10 +32,7 @@ def src(tmp_path_factory):
 
 
 def _done_entries(out) -> int:
-    try:
-        return len(json.loads((out / JOURNAL).read_text())["done"])
-    except (FileNotFoundError, ValueError, KeyError):
-        return 0
+    return len(read_journal(out / JOURNAL)[1])
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["kill", "ctrl-c"])
@@ -62,6 +59,7 @@ def test_interrupted_export_resumes_to_identical_bundle(src, tmp_path, sig):
                          capture_output=True, text=True)
     assert run.returncode == 1 and "rerun the same dymoe export command" in run.stderr
 
+    (out / "experts" / ".expert_999.fp32.onnx.abcd.tmp").write_bytes(b"half")  # as a kill mid-write leaves
     resumed = subprocess.run(export_cmd(src, out), capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert not (out / JOURNAL).exists()
@@ -96,3 +94,18 @@ def test_parallel_workers_write_the_same_bundle(src, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert {k: v.sha256 for k, v in read_manifest(one).files.items()} == \
         {k: v.sha256 for k, v in read_manifest(two).files.items()}
+
+
+def test_journal_ignores_a_torn_last_line(tmp_path):
+    from dymoe.toolchain.journal import Journal
+
+    path = tmp_path / JOURNAL
+    j = Journal(path, "abc", {"a.onnx": {"bytes": 1, "sha256": "x"}})
+    j.record({"b.onnx": {"bytes": 2, "sha256": "y"}})
+    j.close()
+    with open(path, "a") as f:
+        f.write('{"path": "c.onnx", "byt')  # killed mid-append
+    fingerprint, done = read_journal(path)
+    assert fingerprint == "abc"
+    assert done == {"a.onnx": {"bytes": 1, "sha256": "x"}, "b.onnx": {"bytes": 2, "sha256": "y"}}
+    assert read_journal(tmp_path / "missing") == (None, {})

@@ -33,7 +33,10 @@ def head_graph(spec: ModelSpec, final_norm: np.ndarray, lm_head: np.ndarray) -> 
     g = GraphBuilder("dymoe_head")
     x = g.input(io.HEAD_IN, FLOAT, ["T", spec.hidden_size])
     x = g.rms_norm(x, final_norm, spec.rms_norm_eps, "final_norm")
-    g.output(g.matmul_t(x, lm_head, "lm_head"), io.HEAD_OUT, FLOAT, ["T", spec.vocab_size])
+    # Gemm with transB keeps the [V, H] weight as stored: no transposed copy of the largest
+    # backbone tensor during export
+    logits = g.op("Gemm", [x, g.init("lm_head", np.asarray(lm_head, dtype=np.float32))], transB=1)
+    g.output(logits, io.HEAD_OUT, FLOAT, ["T", spec.vocab_size])
     return g.model()
 
 

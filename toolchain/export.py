@@ -1,6 +1,6 @@
 """``dymoe export``: checkpoint folder -> bundle, resumable and atomic.
 
-Every output file is written atomically and recorded in a journal (``.dymoe-export.json``)
+Every output file is written atomically and recorded in a journal (``.dymoe-export.jsonl``)
 together with its checksum and quantization statistics. ``manifest.json`` is written last, so
 a folder without it is never mistaken for a bundle; rerunning the same command after an
 interruption skips every file the journal vouches for and finishes the bundle.
@@ -23,7 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 import dymoe
 from dymoe import defaults
 from dymoe.errors import BundleError, CheckpointError, InputError
-from dymoe.fsutil import atomic_write_bytes, atomic_write_text, sha256_file
+from dymoe.fsutil import atomic_write_bytes, sha256_file
 from dymoe.manifest import (
     MANIFEST_NAME,
     SCHEMA_VERSION,
@@ -41,9 +41,10 @@ from . import backbone_graph
 from .archs import get_architecture
 from .checkpoint import TOKENIZER_FILES, Checkpoint, resolve_model_path
 from .expert_graph import PRECISIONS, build_expert_model
+from .journal import Journal, read_journal
 from .layout import Ref, check_coverage
 
-JOURNAL = ".dymoe-export.json"
+JOURNAL = ".dymoe-export.jsonl"
 FORMATS = {"fp32": "float", "fp16": "float", "int8": "qdq", "int4": "qdq", "int2": "matmulnbits"}
 
 
@@ -158,12 +159,11 @@ def _prepare_out(out: Path, fingerprint: str, force: bool) -> dict[str, dict]:
             )
         shutil.rmtree(out)
     elif journal.exists():
-        try:
-            state = json.loads(journal.read_text())
-        except (ValueError, UnicodeDecodeError):
-            state = {}
-        if state.get("fingerprint") == fingerprint and not force:
-            return state.get("done", {})
+        previous, done = read_journal(journal)
+        if previous == fingerprint and not force:
+            for stale in out.rglob(".*.tmp"):  # half-written files of the interrupted run
+                stale.unlink()
+            return done
         if not force:
             raise BundleError(
                 f"{out} holds an unfinished export of a different checkpoint or options",
@@ -203,12 +203,7 @@ def export(model: str, out: Path, options: ExportOptions = ExportOptions()) -> M
     fingerprint = _fingerprint(ckpt, precisions, options.block_size)
     done = _prepare_out(out, fingerprint, options.force)
     done = {rel: e for rel, e in done.items() if _still_valid(out, rel, e)}
-    journal_path = out / JOURNAL
-
-    def save_journal() -> None:
-        atomic_write_text(journal_path, json.dumps({"fingerprint": fingerprint, "done": done}))
-
-    save_journal()
+    journal = Journal(out / JOURNAL, fingerprint, done)
     backbone_jobs = ["embed", *[str(layer) for layer in range(spec.num_layers)], "head"]
     backbone_rel = {"embed": "backbone/embed.onnx", "head": "backbone/head.onnx",
                     **{str(i): layer_path(i) for i in range(spec.num_layers)}}
@@ -226,16 +221,18 @@ def export(model: str, out: Path, options: ExportOptions = ExportOptions()) -> M
         task = bar.add_task(f"{spec.model_type} -> {out}", total=total, completed=total - len(jobs))
         if options.workers == 1:
             for fn, args in jobs:
-                done.update(fn(*args))
-                save_journal()
+                finished = fn(*args)
+                done.update(finished)
+                journal.record(finished)
                 bar.advance(task)
         else:
             with ProcessPoolExecutor(max_workers=options.workers) as pool:
                 futures = [pool.submit(fn, *args) for fn, args in jobs]
                 try:
                     for fut in futures:
-                        done.update(fut.result())
-                        save_journal()
+                        finished = fut.result()
+                        done.update(finished)
+                        journal.record(finished)
                         bar.advance(task)
                 except BaseException:
                     for f in futures:
@@ -249,7 +246,7 @@ def export(model: str, out: Path, options: ExportOptions = ExportOptions()) -> M
             done[rel] = {"bytes": len(data), "sha256": atomic_write_bytes(out / rel, data)}
     manifest = _manifest(model, ckpt, spec, precisions, options.block_size, fingerprint, done)
     manifest.write(out)
-    journal_path.unlink(missing_ok=True)
+    journal.remove()
     return manifest
 
 

@@ -138,10 +138,12 @@ class SafetensorsFile:
         if len(raw) != count * width:
             raise self._corrupt(f"short read of tensor {name!r}")
         arr = np.frombuffer(raw, dtype=np_dtype, count=count)
+        del raw  # arr keeps the buffer; nothing else does once we return
         if info.dtype == "BF16":
-            out = arr.astype(np.uint32) << 16
+            out = arr.astype(np.uint32)
+            out <<= 16  # in place: one widened copy, not two
             return out.view(np.float32).reshape(shape)
-        return arr.astype(np.float32).reshape(shape)
+        return arr.astype(np.float32, copy=info.dtype != "F32").reshape(shape)
 
 
 def write_safetensors(path: Path, tensors: dict[str, np.ndarray], dtype: str = "F32") -> None:
