@@ -20,6 +20,7 @@ LAYER_OUT_PRESENT_KEY = "present_key"  # float [K, S, D]
 LAYER_OUT_PRESENT_VALUE = "present_value"  # float [K, S, D]
 LAYER_OUT_SHARED = "shared_expert"  # float [T, H]   only where the architecture has one
 LAYER_OUT_ATTN_COLSUM = "attn_colsum"  # float [S]  attention probabilities summed over heads and queries
+LAYER_OUT_ATTN_INPUT = "attn_input"  # float [T, H]  input RMSNorm of the layer (what attention sees)
 
 # expert graphs
 EXPERT_IN = "x"  # float [T, H]

@@ -29,6 +29,8 @@ class LayerStep:
     experts: np.ndarray  # [T, k] selected expert ids, highest weight first
     weights: np.ndarray  # [T, k] routing weights
     attn_colsum: np.ndarray  # [S] attention mass each key token received in this layer
+    hidden_in: np.ndarray  # [T, H] residual stream entering the layer
+    attn_input: np.ndarray  # [T, H] the layer's input RMSNorm (before attention)
 
 
 class ExpertExecutor(Protocol):

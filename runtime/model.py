@@ -36,7 +36,8 @@ class MoEModel:
         self.layers = [bundle.session(rel) for rel in bb.layers]
         self.head = bundle.session(bb.head)
         self._layer_outputs = [io.LAYER_OUT_RESIDUAL, io.LAYER_OUT_ROUTER_INPUT, io.LAYER_OUT_ROUTER_LOGITS,
-                               io.LAYER_OUT_PRESENT_KEY, io.LAYER_OUT_PRESENT_VALUE, io.LAYER_OUT_ATTN_COLSUM]
+                               io.LAYER_OUT_PRESENT_KEY, io.LAYER_OUT_PRESENT_VALUE, io.LAYER_OUT_ATTN_COLSUM,
+                               io.LAYER_OUT_ATTN_INPUT]
         if self.spec.shared_intermediate_size:
             self._layer_outputs.append(io.LAYER_OUT_SHARED)
 
@@ -54,12 +55,12 @@ class MoEModel:
             outs = sess.run(self._layer_outputs, {
                 io.LAYER_IN_HIDDEN: h, io.LAYER_IN_POSITIONS: positions,
                 io.LAYER_IN_PAST_KEY: cache.keys[layer], io.LAYER_IN_PAST_VALUE: cache.values[layer]})
-            residual, router_in, logits, cache.keys[layer], cache.values[layer], colsum = outs[:6]
+            residual, router_in, logits, cache.keys[layer], cache.values[layer], colsum, attn_in = outs[:7]
             experts, weights = route(logits, self.spec.top_k, self.spec.norm_topk_prob)
-            moe = self.experts.run(LayerStep(layer, phase, router_in, logits, experts, weights, colsum))
-            h = residual + moe
+            step = LayerStep(layer, phase, router_in, logits, experts, weights, colsum, h, attn_in)
+            h = residual + self.experts.run(step)
             if self.spec.shared_intermediate_size:
-                h = h + outs[6]
+                h = h + outs[7]
         if not all_logits:
             h = h[-1:]
         return self.head.run([io.HEAD_OUT], {io.HEAD_IN: h})[0]

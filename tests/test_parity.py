@@ -137,3 +137,22 @@ def test_sliding_window_matches_transformers(tmp_path):
     case = TinyCase("mixtral", tmp_path, sliding_window=6)
     assert read_manifest(case.bundle).model.sliding_window == 6
     assert np.abs(bundle_logits(case.bundle, "fp32") - torch_logits(case.model)).max() < 1e-4
+
+
+def test_perplexity_matches_transformers(tiny):
+    from dymoe.runtime.evaluate import perplexity
+
+    b = Bundle(tiny.bundle)
+    ids = [int(t) for t in np.random.default_rng(3).integers(0, 320, 70)]
+    ours = perplexity(MoEModel(b, StaticExperts(b, "fp32")), ids, window=32)
+    nll, n = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(ids) - 1, 32):
+            chunk = torch.tensor([ids[i:i + 32]])
+            if chunk.shape[1] < 2:
+                continue
+            logp = torch.log_softmax(tiny.model(chunk).logits[0, :-1].double(), -1)
+            nll -= logp[torch.arange(chunk.shape[1] - 1), chunk[0, 1:]].sum().item()
+            n += chunk.shape[1] - 1
+    assert ours.tokens == n == 69 and ours.windows == 3
+    assert abs(ours.ppl - np.exp(nll / n)) / np.exp(nll / n) < 1e-4

@@ -126,6 +126,7 @@ def layer_graph(spec: ModelSpec, t: Tensors, layer: int) -> onnx.ModelProto:
     g.output(k_all, io.LAYER_OUT_PRESENT_KEY, FLOAT, [K, "S", D])
     g.output(v_all, io.LAYER_OUT_PRESENT_VALUE, FLOAT, [K, "S", D])
     g.output(colsum, io.LAYER_OUT_ATTN_COLSUM, FLOAT, ["S"])
+    g.output(x, io.LAYER_OUT_ATTN_INPUT, FLOAT, ["T", H])
     if spec.shared_intermediate_size:
         shared = g.swiglu(router_in, t["shared.gate"], t["shared.up"], t["shared.down"], "shared")
         if spec.shared_expert_gate:
