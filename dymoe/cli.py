@@ -133,27 +133,83 @@ def run(
     top_p: Annotated[float, typer.Option(min=0.0, max=1.0, help="Nucleus sampling mass.")] = 1.0,
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
     precision: Annotated[str | None, typer.Option(
-        help="Run every expert at this precision (default: the bundle's highest).")] = None,
-    metrics_json: Annotated[Path | None, typer.Option(help="Write timings, prompt and token ids here.")] = None,
+        help="Every expert resident at this precision (default: the bundle's highest). Not with --policy.")] = None,
+    policy: Annotated[str | None, typer.Option(
+        help="Budgeted policy: ondemand, lru, lru-prefetch, static-int4, static-int2, dymoe.")] = None,
+    budget: Annotated[str, typer.Option(
+        help="Memory for resident experts: a size (600MiB, 1.5GB) or a share of all experts at top precision.")]
+    = defaults.BUDGET,
+    policy_config: Annotated[Path | None, typer.Option(help="TOML file with policy settings.")] = None,
+    ladder: Annotated[str | None, typer.Option(help="Precision ladder, e.g. 4/2, 4/0, 8/4/2, fp16/4/0.")] = None,
+    retention: Annotated[float | None, typer.Option(help="r: share of selected experts kept at the top step.")]
+    = None,
+    schedule: Annotated[str | None, typer.Option(help="Depth schedule of r: constant, cosine, calibrated.")]
+    = None,
+    eviction: Annotated[str | None, typer.Option(help="lru, or priority (frequency + calibration priors).")]
+    = None,
+    prefetch: Annotated[int | None, typer.Option(help="Look-ahead depth in layers (0, 1, 2).")] = None,
+    renormalize: Annotated[bool | None, typer.Option(
+        "--renormalize/--no-renormalize", help="Rescale kept experts' weights when some are skipped.")] = None,
+    serve_lower: Annotated[bool | None, typer.Option(
+        "--serve-lower-while-promoting/--wait-for-promotion",
+        help="Use a resident lower-precision copy while the higher one loads.")] = None,
+    on_load_error: Annotated[str | None, typer.Option(help="error, or fallback to another precision.")] = None,
+    io: Annotated[str, typer.Option(help="cached, or direct (every load reads storage, not the page cache).")]
+    = "cached",
+    storage_profile: Annotated[str | None, typer.Option(
+        help="Emulate a device's storage: orin-nano-nvme, orin-emmc, microsd, or a .toml file.")] = None,
+    metrics_json: Annotated[Path | None, typer.Option(help="Write timings, counters, prompt and token ids here.")]
+    = None,
 ) -> None:
     """Generate text from a bundle, streaming it to the terminal.
 
-    Example: dymoe run bundles/qwen3 --prompt "The capital of France is" --max-new-tokens 32
-    """
-    from dymoe.runtime.session import open_model
+    Without --policy every expert is resident at one precision. With --policy, experts load
+    from storage under --budget, at the precisions the policy chooses.
 
-    session = open_model(bundle, precision=precision, progress=sys.stderr.isatty())
-    result = session.generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                              seed=seed, stream=lambda text: (sys.stdout.write(text), sys.stdout.flush()))
-    sys.stdout.write("\n")
-    metrics = session.metrics(result)
-    err.print(f"[dim]{metrics['new_tokens']} tokens | TTFT {metrics['ttft_s'] * 1e3:.1f} ms | "
-              f"TPOT {metrics['tpot_s'] * 1e3:.1f} ms | experts {metrics['precision']} | "
-              f"stop: {metrics['stop_reason']}[/]", highlight=False)
+    Examples:
+      dymoe run bundles/q3 --prompt "The capital of France is" --max-new-tokens 32
+      dymoe run bundles/q3 -p "Once" --policy dymoe --budget 25% --io direct --storage-profile orin-nano-nvme
+      dymoe run bundles/q3 -p "Once" --policy dymoe --ladder 8/4/2 --retention 0.75 --schedule cosine
+    """
+    from dymoe.runtime.session import PolicyRun, open_model
+
+    overrides = dict(ladder=ladder, retention=retention, schedule=schedule, eviction=eviction, prefetch=prefetch,
+                     renormalize=renormalize, serve_lower_while_promoting=serve_lower, on_load_error=on_load_error)
+    if policy is None and (policy_config or any(v is not None for v in overrides.values())):
+        policy = "dymoe"
+    if policy is not None and precision is not None:
+        raise DymoeError("--precision and --policy exclude each other",
+                         "use --policy static-int4 (budgeted) or --precision int4 (all resident)")
+    plan = None if policy is None else PolicyRun(policy, budget, policy_config, io, storage_profile, overrides)
+    session = open_model(bundle, precision=precision, progress=sys.stderr.isatty(), policy=plan)
+    try:
+        result = session.generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                  seed=seed, stream=lambda text: (sys.stdout.write(text), sys.stdout.flush()))
+        sys.stdout.write("\n")
+        metrics = session.metrics(result)
+    finally:
+        session.close()
+    _print_run_summary(metrics)
     if metrics_json:
         from dymoe.fsutil import atomic_write_text
 
         atomic_write_text(metrics_json, json.dumps(metrics, indent=1) + "\n")
+
+
+def _print_run_summary(m: dict) -> None:
+    line = (f"{m['new_tokens']} tokens | TTFT {m['ttft_s'] * 1e3:.1f} ms | TPOT {m['tpot_s'] * 1e3:.1f} ms "
+            f"(p50 {m['tpot_p50_s'] * 1e3:.1f}, p90 {m['tpot_p90_s'] * 1e3:.1f}) | experts {m['experts']} | "
+            f"peak RSS {_mib(m['peak_rss_bytes'])} | stop: {m['stop_reason']}")
+    err.print(f"[dim]{line}[/]", highlight=False)
+    if "policy" in m:
+        pp, pr = m["prefetch_precision"], m["prefetch_recall"]
+        err.print(
+            f"[dim]budget {_mib(m['budget_bytes'])} (peak resident {_mib(m['peak_resident_bytes'])}) | "
+            f"stall/token {m['stall_per_token_s'] * 1e3:.1f} ms | read/token {_mib(m['bytes_read_per_token'])} | "
+            f"hit rate {m['hit_rate']:.2f} | prefetch P/R "
+            f"{'-' if pp is None else f'{pp:.2f}'}/{'-' if pr is None else f'{pr:.2f}'} | "
+            f"loads {m['loads']} (read {m['load_read_s']:.2f} s, engine {m['load_create_s']:.2f} s) | "
+            f"{m['storage']}[/]", highlight=False)
 
 
 @app.command()

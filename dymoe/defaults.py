@@ -5,3 +5,4 @@ PRECISIONS = ("fp16", "int8", "int4", "int2")  # export ladder; tests add fp32
 BLOCK_SIZE = 32  # chosen by measurement, see README "Quantization"
 EXPORT_WORKERS = 1
 MAX_NEW_TOKENS = 64
+BUDGET = "100%"  # of every expert resident at the bundle's top precision

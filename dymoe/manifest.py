@@ -108,6 +108,7 @@ class Manifest:
     backbone: Backbone
     experts: list[ExpertEntry]
     files: dict[str, FileEntry] = field(default_factory=dict)
+    calibration: str | None = None  # relative path of calibration.json (dymoe calibrate), listed in files
 
     def expert(self, layer: int, expert: int) -> ExpertEntry:
         entry = self.experts[layer * self.model.num_experts + expert]

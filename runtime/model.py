@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from dymoe import graph_io as io
+from dymoe.errors import BundleError
 
 from .bundle import Bundle
 from .experts import ExpertExecutor, LayerStep
@@ -40,6 +41,11 @@ class MoEModel:
                                io.LAYER_OUT_ATTN_INPUT]
         if self.spec.shared_intermediate_size:
             self._layer_outputs.append(io.LAYER_OUT_SHARED)
+        for rel, sess in zip(bb.layers, self.layers, strict=True):
+            missing = set(self._layer_outputs) - {o.name for o in sess.get_outputs()}
+            if missing:
+                raise BundleError(f"{bundle.path / rel} lacks output(s) {', '.join(sorted(missing))}",
+                                  "the bundle was written by another dymoe version; re-export it")
 
     def new_cache(self) -> KVCache:
         return KVCache(self.spec.num_layers, self.spec.num_kv_heads, self.spec.head_dim)

@@ -1,10 +1,14 @@
-"""The library API behind ``dymoe run``: open a bundle once, generate many times."""
+"""The library API behind ``dymoe run``: open a bundle once (all experts resident at one
+precision, or a memory-budgeted policy), generate many times, report metrics."""
 
 from __future__ import annotations
 
+import resource
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from .bundle import Bundle
 from .experts import ExpertExecutor, StaticExperts
@@ -15,17 +19,43 @@ from .tokenizer import StreamDecoder, TextTokenizer
 
 
 @dataclass
+class PolicyRun:
+    """What a budgeted run needs beside the policy: how to read and how much may be resident."""
+
+    policy: str = "dymoe"
+    budget: str = "100%"
+    policy_config: Path | None = None
+    io: str = "cached"
+    storage_profile: str | None = None
+    overrides: dict = field(default_factory=dict)  # PolicyConfig fields given on the command line
+
+
+@dataclass
 class ModelSession:
     bundle: Bundle
     model: MoEModel
     tokenizer: TextTokenizer
-    precision: str
+    label: str
+    orchestrator: object | None = None  # runtime.orchestrator.Orchestrator for budgeted policies
+    _decode_bytes_from: int = 0
 
     def generate(self, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
                  seed: int = 0, stream: Callable[[str], object] | None = None) -> GenerationResult:
-        ids = self.tokenizer.encode(prompt)
+        return self.generate_ids(self.tokenizer.encode(prompt), max_new_tokens, temperature, top_p, seed, stream)
+
+    def generate_ids(self, ids: list[int], max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
+                     seed: int = 0, stream: Callable[[str], object] | None = None) -> GenerationResult:
         decoder = StreamDecoder(self.tokenizer)
-        on_token = (lambda t: stream(decoder.push(t))) if stream else None
+        loader = self.orchestrator.loader if self.orchestrator else None
+
+        def on_token(t: int) -> None:
+            if loader is not None and not decoder.ids:  # first token: prefill is over
+                self._decode_bytes_from = loader.totals.bytes_read
+            if stream:
+                stream(decoder.push(t))
+            else:
+                decoder.ids.append(t)
+
         result = generate(self.model, ids, max_new_tokens, SamplingParams(temperature, top_p, seed),
                           on_token=on_token)
         if stream:
@@ -33,26 +63,50 @@ class ModelSession:
         return result
 
     def metrics(self, result: GenerationResult) -> dict:
-        return {
+        times = result.token_times_s
+        m = {
             "bundle": str(self.bundle.path),
-            "precision": self.precision,
+            "experts": self.label,
             "prompt_tokens": len(result.prompt_ids),
             "new_tokens": len(result.token_ids),
             "ttft_s": result.ttft_s,
             "tpot_s": result.tpot_s,
-            "token_times_s": result.token_times_s,
+            "tpot_p50_s": float(np.percentile(times, 50)) if times else 0.0,
+            "tpot_p90_s": float(np.percentile(times, 90)) if times else 0.0,
+            "token_times_s": times,
             "stop_reason": result.stop_reason,
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "prompt_ids": result.prompt_ids,
             "token_ids": result.token_ids,
             "text": self.tokenizer.decode(result.token_ids),
         }
+        if self.orchestrator is not None:
+            m.update(self.orchestrator.report(decode_tokens=max(len(times), 1),
+                                              decode_bytes=self.orchestrator.loader.totals.bytes_read
+                                              - self._decode_bytes_from))
+        return m
+
+    def close(self) -> None:
+        if self.orchestrator is not None:
+            self.orchestrator.close()
 
 
 def open_model(path: Path, precision: str | None = None, experts: ExpertExecutor | None = None,
-               progress: bool = False) -> ModelSession:
-    """Open a bundle; with no ``experts`` executor, all experts resident at ``precision``."""
+               progress: bool = False, policy: PolicyRun | None = None) -> ModelSession:
+    """Open a bundle: with ``policy``, a memory-budgeted orchestrated run; otherwise every
+    expert resident at ``precision`` (default: the bundle's highest)."""
     bundle = Bundle(path)
-    precision = precision or bundle.precisions[0]
     tokenizer = TextTokenizer(bundle.tokenizer_path())
+    if policy is not None:
+        from .build import build_orchestrator
+
+        orch = build_orchestrator(bundle, policy)
+        try:
+            model = MoEModel(bundle, orch)
+        except BaseException:
+            orch.close()
+            raise
+        return ModelSession(bundle, model, tokenizer, f"policy {policy.policy}", orch)
+    precision = precision or bundle.precisions[0]
     model = MoEModel(bundle, experts or StaticExperts(bundle, precision, progress=progress))
     return ModelSession(bundle, model, tokenizer, precision)

@@ -1,0 +1,56 @@
+"""Assemble a budgeted run: policy settings, measured engine costs, budget, depth schedule,
+look-ahead routers, calibration priors, storage and loader -> an Orchestrator."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .budget import parse_budget
+from .bundle import Bundle
+from .costs import resident_costs
+from .loader import Loader
+from .orchestrator import Orchestrator
+from .policy_config import resolve, retention_schedule
+from .session import PolicyRun
+from .storage import Storage, load_profile
+
+
+def router_weights(bundle: Bundle) -> list[np.ndarray]:
+    """Each layer's router ``[H, E]``, read from its (checksum-verified) layer graph."""
+    import onnx
+    from onnx import numpy_helper
+
+    routers = []
+    for rel in bundle.manifest.backbone.layers:
+        model = onnx.load_from_string(bundle.read(rel))
+        (init,) = [t for t in model.graph.initializer if t.name == "router"]
+        routers.append(numpy_helper.to_array(init).astype(np.float32))
+    return routers
+
+
+def calibration_inputs(bundle: Bundle) -> tuple[list[float] | None, dict | None]:
+    """Calibrated r(l) and per-expert priors, when the bundle has been calibrated."""
+    try:
+        from dymoe.calibration.priors import load_priors
+    except ImportError:
+        return None, None
+    return load_priors(bundle)
+
+
+def build_orchestrator(bundle: Bundle, run: PolicyRun) -> Orchestrator:
+    cfg = resolve(run.policy, bundle.precisions, run.policy_config, **run.overrides)
+    costs = resident_costs(bundle.path)
+    spec = bundle.spec
+    all_top = costs[bundle.precisions[0]] * spec.num_layers * spec.num_experts
+    budget = parse_budget(run.budget, all_top)
+    calibrated, priors = calibration_inputs(bundle)
+    retention = retention_schedule(cfg, spec.num_layers, calibrated)
+    storage = Storage(run.io, load_profile(run.storage_profile) if run.storage_profile else None)
+    loader = Loader(bundle, storage, workers=cfg.loader_workers)
+    try:
+        return Orchestrator(bundle, cfg, loader, costs, budget, retention,
+                            routers=router_weights(bundle) if cfg.prefetch else None,
+                            priors=priors if (cfg.eviction == "priority" or cfg.pin_fraction) else None)
+    except BaseException:
+        loader.close()
+        raise

@@ -1,0 +1,78 @@
+"""Background loading of expert engines: read (from storage, checksum-verified) and create an
+ORT session, on a small thread pool. ORT releases the GIL while it builds a session, so loads
+overlap the main thread's compute. Each load reports how long reading and creating took."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+from dymoe.errors import BundleError, ChecksumError
+
+from .bundle import Bundle
+from .sessions import create_session
+from .storage import Storage
+
+
+@dataclass
+class Loaded:
+    layer: int
+    expert: int
+    precision: str
+    session: object
+    file_bytes: int
+    read_s: float
+    create_s: float
+
+
+@dataclass
+class LoadTotals:
+    loads: int = 0
+    bytes_read: int = 0
+    read_s: float = 0.0
+    create_s: float = 0.0
+
+
+class Loader:
+    def __init__(self, bundle: Bundle, storage: Storage, workers: int = 1,
+                 session_config: dict[str, str] | None = None) -> None:
+        self.bundle = bundle
+        self.storage = storage
+        self.session_config = session_config
+        self.totals = LoadTotals()
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dymoe-load")
+
+    def load(self, layer: int, expert: int, precision: str) -> Loaded:
+        """Read, verify and build one expert engine in the calling thread."""
+        rel = self.bundle.expert_rel(layer, expert, precision)
+        entry = self.bundle.manifest.files.get(rel)
+        if entry is None:
+            raise BundleError(f"manifest.json lists no file {rel}", "re-export the bundle")
+        path = self.bundle.path / rel
+        try:
+            result = self.storage.read(path)
+        except FileNotFoundError:
+            raise BundleError(f"bundle file missing: {path}", "re-export the bundle (or restore the file)") from None
+        if len(result.data) != entry.bytes or hashlib.sha256(result.data).hexdigest() != entry.sha256:
+            raise ChecksumError(f"checksum mismatch: {path} does not match manifest.json",
+                                "the file was changed or damaged; re-export the bundle")
+        t = time.perf_counter()
+        session = create_session(result.data, 1, str(path), self.session_config)
+        create_s = time.perf_counter() - t
+        with self._lock:
+            self.totals.loads += 1
+            self.totals.bytes_read += len(result.data)
+            self.totals.read_s += result.seconds
+            self.totals.create_s += create_s
+        return Loaded(layer, expert, precision, session, len(result.data), result.seconds, create_s)
+
+    def submit(self, layer: int, expert: int, precision: str) -> Future:
+        return self._pool.submit(self.load, layer, expert, precision)
+
+    def close(self) -> None:
+        """Cancel queued loads and wait for the one in progress (no thread outlives the run)."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
