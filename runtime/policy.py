@@ -55,13 +55,15 @@ def cosine_retention(layer: int, num_layers: int, r_max: float, r_min: float) ->
 def tier_of(rank: int, count: int, retention: float, tiers: int) -> int:
     """Which ladder step the expert ranked ``rank`` (0 = most important) of ``count`` gets.
 
-    The top ``ceil(retention * count)`` experts are critical (tier 0). The rest are spread in
-    rank order over the remaining ``tiers - 1`` steps in equal shares, the less important the
-    lower. With the paper's two-step ladders this is exactly "critical high, others low".
+    The top ``max(1, floor(retention * count))`` experts are critical (tier 0): retention is
+    never rounded up, so r = 0.75 with top-2 keeps one expert high, and the most important
+    expert always stays critical. The rest are spread in rank order over the remaining
+    ``tiers - 1`` steps in equal shares, the less important the lower. With the paper's
+    two-step ladders this is exactly "critical high, others low".
     """
     if tiers <= 1:
         return 0
-    critical = math.ceil(round(retention * count, 9))
+    critical = max(1, math.floor(retention * count + 1e-9))
     if rank < critical:
         return 0
     rest = count - critical

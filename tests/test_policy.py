@@ -1,0 +1,174 @@
+"""Table tests for the runtime's pure decisions: ladders, depth schedules, precision choice,
+heavy hitters, renormalisation, prefetch targets, budgets and policy resolution."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from dymoe.errors import InputError
+from dymoe.runtime.budget import parse_budget
+from dymoe.runtime.policy import (
+    SKIP,
+    choose_precisions,
+    cosine_retention,
+    heavy_hitter_counts,
+    parse_ladder,
+    predicted_experts,
+    renormalise,
+    tier_of,
+)
+from dymoe.runtime.policy_config import resolve, retention_schedule
+
+ALL = ["fp32", "fp16", "int8", "int4", "int2"]
+
+
+@pytest.mark.parametrize("text, want", [
+    ("4/2", ["int4", "int2"]),
+    ("4/0", ["int4", SKIP]),
+    ("8/4/2", ["int8", "int4", "int2"]),
+    ("fp16/4/0", ["fp16", "int4", SKIP]),
+    ("16/8/4/2/0", ["fp16", "int8", "int4", "int2", SKIP]),
+    ("fp32", ["fp32"]),
+    (" INT4 / int2 ", ["int4", "int2"]),
+])
+def test_parse_ladder(text, want):
+    assert parse_ladder(text, ALL) == want
+
+
+@pytest.mark.parametrize("text, available, needle", [
+    ("2/4", ALL, "high to low"),
+    ("4/4", ALL, "high to low"),
+    ("0/4", ALL, "start with a precision"),
+    ("3/2", ALL, "not a precision"),
+    ("fp16/4", ["fp32", "int4"], "needs fp16"),
+])
+def test_parse_ladder_rejects(text, available, needle):
+    with pytest.raises(InputError, match=needle):
+        parse_ladder(text, available)
+
+
+@pytest.mark.parametrize("layer, layers, r_max, r_min, want", [
+    (0, 8, 1.0, 0.5, 1.0),
+    (7, 8, 1.0, 0.5, 0.5),
+    (0, 1, 0.9, 0.5, 0.9),
+    (2, 5, 1.0, 0.0, 0.5),  # the midpoint of the half cosine
+    (1, 5, 1.0, 0.0, (1 + math.cos(math.pi / 4)) / 2),
+])
+def test_cosine_retention(layer, layers, r_max, r_min, want):
+    assert cosine_retention(layer, layers, r_max, r_min) == pytest.approx(want)
+
+
+def test_cosine_retention_decays_monotonically():
+    rs = [cosine_retention(layer, 12, 1.0, 0.25) for layer in range(12)]
+    assert all(a >= b for a, b in zip(rs[:-1], rs[1:], strict=True))
+
+
+@pytest.mark.parametrize("rank, count, r, tiers, want", [
+    (0, 2, 0.5, 2, 0), (1, 2, 0.5, 2, 1),  # top-2, r 0.5: one critical
+    (1, 2, 0.75, 2, 1),  # floor(1.5) = 1 critical: retention is never rounded up
+    (1, 2, 1.0, 2, 0),  # r 1: everything critical
+    (0, 2, 0.1, 2, 0),  # at least one expert stays critical
+    (5, 8, 0.75, 2, 0), (6, 8, 0.75, 2, 1),  # Qwen3 top-8: 6 critical
+    (0, 8, 0.25, 3, 0), (2, 8, 0.25, 3, 1), (4, 8, 0.25, 3, 1), (5, 8, 0.25, 3, 2), (7, 8, 0.25, 3, 2),
+    (3, 4, 0.5, 1, 0),  # a one-step ladder puts everything on it
+])
+def test_tier_of(rank, count, r, tiers, want):
+    assert tier_of(rank, count, r, tiers) == want
+
+
+@pytest.mark.parametrize("importance, r, ladder, want", [
+    ([0.7, 0.3], 0.5, ["int4", "int2"], ["int4", "int2"]),
+    ([0.3, 0.7], 0.5, ["int4", "int2"], ["int2", "int4"]),  # order follows importance, not position
+    ([0.3, 0.7], 0.5, ["int4", SKIP], [SKIP, "int4"]),
+    ([0.3, 0.7], 1.0, ["int4", SKIP], ["int4", "int4"]),
+    ([0.5, 0.5], 0.5, ["int4", "int2"], ["int4", "int2"]),  # ties: stable, first wins
+    ([3, 0, 5, 1], 0.5, ["int8", "int4", "int2"], ["int8", "int2", "int8", "int4"]),
+])
+def test_choose_precisions(importance, r, ladder, want):
+    assert choose_precisions(importance, r, ladder) == want
+
+
+def test_heavy_hitters_count_tokens_with_most_attention():
+    colsum = np.array([9.0, 1.0, 8.0, 0.5, 0.1])  # tokens 0 and 2 are heavy hitters at 40 %
+    experts = np.array([[0, 1], [2, 3], [0, 2], [3, 1], [1, 0]])
+    assert heavy_hitter_counts(colsum, experts, 0.4) == {0: 2, 1: 1, 2: 1}
+    # decode-style call: colsum covers the cache, experts only the newest token
+    assert heavy_hitter_counts(np.array([5.0, 1.0, 2.0]), np.array([[4, 6]]), 0.1) == {4: 1, 6: 1}
+
+
+@pytest.mark.parametrize("weights, kept, want", [
+    ([[0.6, 0.4]], [[True, False]], [[1.0, 0.0]]),
+    ([[0.3, 0.2]], [[True, False]], [[0.5, 0.0]]),  # total kept as it was (norm_topk_prob off)
+    ([[0.6, 0.4]], [[False, False]], [[0.0, 0.0]]),
+    ([[0.6, 0.4]], [[True, True]], [[0.6, 0.4]]),
+])
+def test_renormalise(weights, kept, want):
+    got = renormalise(np.array(weights, np.float32), np.array(kept))
+    np.testing.assert_allclose(got, want, atol=1e-7)
+
+
+def test_predicted_experts_union_of_token_top_m_ordered_by_mass():
+    logits = np.array([[5.0, 4.0, 0.0, 0.0], [0.0, 4.0, 5.0, 0.0]])
+    assert predicted_experts(logits, 1) == [0, 2]  # equal mass: by index
+    assert predicted_experts(logits, 2) == [0, 2, 1]  # 0.73 + 0.73 beat expert 1's 0.27 + 0.27
+    assert predicted_experts(logits[:1], 2) == [0, 1]
+
+
+@pytest.mark.parametrize("text, want", [
+    ("600MiB", 600 * 2**20), ("1.5GB", 1_500_000_000), ("800M", 800_000_000), ("25%", 250), ("100%", 1000),
+    ("4096", 4096), (" 2 GiB ", 2 * 2**30),
+])
+def test_parse_budget(text, want):
+    assert parse_budget(text, 1000) == want
+
+
+@pytest.mark.parametrize("text", ["0%", "150%", "lots", "12 parsecs", "-5MiB", "%"])
+def test_parse_budget_rejects(text):
+    with pytest.raises(InputError, match="--budget"):
+        parse_budget(text, 1000)
+
+
+@pytest.mark.parametrize("name, ladder, cache, prefetch", [
+    ("ondemand", ["fp16"], False, 0),
+    ("lru", ["fp16"], True, 0),
+    ("lru-prefetch", ["fp16"], True, 1),
+    ("static-int4", ["int4"], True, 0),
+    ("static-int2", ["int2"], True, 0),
+    ("dymoe", ["int4", "int2"], True, 1),
+])
+def test_presets(name, ladder, cache, prefetch):
+    cfg = resolve(name, ["fp16", "int8", "int4", "int2"])
+    assert (cfg.ladder, cfg.cache, cfg.prefetch) == (ladder, cache, prefetch)
+
+
+def test_config_file_then_overrides(tmp_path):
+    f = tmp_path / "p.toml"
+    f.write_text('ladder = "8/4/0"\nretention = 0.75\nschedule = "constant"\nprefetch = 2\n')
+    cfg = resolve("dymoe", ALL, f, retention=0.25, prefetch=None)
+    assert cfg.ladder == ["int8", "int4", SKIP] and cfg.retention == 0.25 and cfg.prefetch == 2
+    assert retention_schedule(cfg, 3) == [0.25, 0.25, 0.25]
+
+
+@pytest.mark.parametrize("content, needle", [
+    ('colour = "blue"\n', "unknown key 'colour'"),
+    ("prefetch = 3\n", "prefetch depth"),
+    ('schedule = "linear"\n', "schedule"),
+    ("retention = 0\n", "retention"),
+    ("ladder = [\n", "not valid TOML"),
+])
+def test_config_file_errors(tmp_path, content, needle):
+    f = tmp_path / "p.toml"
+    f.write_text(content)
+    with pytest.raises(InputError, match=needle):
+        resolve("dymoe", ALL, f)
+
+
+def test_unknown_policy_and_calibrated_schedule_without_calibration():
+    with pytest.raises(InputError, match="unknown policy 'fastest'"):
+        resolve("fastest", ALL)
+    cfg = resolve("dymoe", ALL, schedule="calibrated")
+    with pytest.raises(InputError, match="calibrate"):
+        retention_schedule(cfg, 4, None)
