@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from dymoe import defaults
+from dymoe.calibration import options as cal_defaults
 from dymoe.errors import DymoeError
 
 app = typer.Typer(
@@ -158,6 +159,9 @@ def run(
     = "cached",
     storage_profile: Annotated[str | None, typer.Option(
         help="Emulate a device's storage: orin-nano-nvme, orin-emmc, microsd, or a .toml file.")] = None,
+    engine_cache: Annotated[str, typer.Option(
+        help="Where ORT-optimised expert graphs are kept between loads: auto (user cache), a folder, or off.")]
+    = "auto",
     metrics_json: Annotated[Path | None, typer.Option(help="Write timings, counters, prompt and token ids here.")]
     = None,
 ) -> None:
@@ -180,7 +184,8 @@ def run(
     if policy is not None and precision is not None:
         raise DymoeError("--precision and --policy exclude each other",
                          "use --policy static-int4 (budgeted) or --precision int4 (all resident)")
-    plan = None if policy is None else PolicyRun(policy, budget, policy_config, io, storage_profile, overrides)
+    plan = None if policy is None else PolicyRun(policy, budget, policy_config, io, storage_profile,
+                                                 None if engine_cache == "off" else engine_cache, overrides)
     session = open_model(bundle, precision=precision, progress=sys.stderr.isatty(), policy=plan)
     try:
         result = session.generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
@@ -221,6 +226,71 @@ def demo() -> None:
     """
     err.print("dymoe demo: not yet — the shipped demo model arrives in a later release. "
               "Meanwhile: dymoe export MODEL_DIR --out BUNDLE && dymoe run BUNDLE --prompt TEXT")
+
+
+@app.command()
+@friendly
+def calibrate(
+    bundle: Annotated[Path, typer.Argument(help="Bundle folder.")],
+    more: Annotated[list[Path] | None, typer.Argument(
+        metavar="[PATH...]", show_default=False, help="More data paths, as in --data A B C.")] = None,
+    data: Annotated[list[Path] | None, typer.Option(
+        "--data", metavar="PATH [PATH...]", show_default=False,
+        help="Plain text, JSON Lines (field 'text') or a folder of them; several may follow --data.")] = None,
+    samples: Annotated[int, typer.Option(min=1, help="Token windows drawn from the data.")] = cal_defaults.SAMPLES,
+    seq_len: Annotated[int, typer.Option(min=2, help="Tokens per window (one prefill each).")] = cal_defaults.SEQ_LEN,
+    seed: Annotated[int, typer.Option(help="Chooses the windows.")] = cal_defaults.SEED,
+    target_kl: Annotated[float, typer.Option(
+        min=0.0, help="Mean-KL budget (nats) for the recommended retention r(l).")] = cal_defaults.TARGET_KL,
+    report: Annotated[Path | None, typer.Option(
+        help=f"Report folder (default: BUNDLE/{cal_defaults.REPORT_DIRNAME}).", show_default=False)] = None,
+    report_only: Annotated[bool, typer.Option(
+        "--report-only", help="Rebuild the report from the bundle's calibration.json; measure nothing.")] = False,
+    no_report: Annotated[bool, typer.Option("--no-report", help="Write calibration.json only.")] = False,
+    no_sensitivity: Annotated[bool, typer.Option(
+        "--no-sensitivity", help="Importance and predictability only (one pass).")] = False,
+) -> None:
+    """Measure expert importance, depth sensitivity and routing predictability on sample text;
+    write calibration.json into the bundle (listed in its manifest) and a report with plots.
+
+    Example: dymoe calibrate bundles/qwen3 --data heldout.txt --samples 32 --report results/calibration
+    """
+    from rich import box
+
+    from dymoe.calibration import report as cal_report
+    from dymoe.calibration.options import CalibrationOptions
+
+    folder = report or bundle / cal_defaults.REPORT_DIRNAME
+    if report_only:
+        from dymoe.calibration.schema import read_calibration
+        from dymoe.manifest import read_manifest
+
+        written = cal_report.write_report(read_calibration(bundle, read_manifest(bundle)), folder)
+        err.print(f"wrote {len(written)} report files to {folder}")
+        return
+    from dymoe.calibration.run import commit, measure
+
+    paths = [*(data or []), *(more or [])]
+    if not no_report:
+        cal_report.require_matplotlib()  # fail before measuring, not after
+    opts = CalibrationOptions(samples=samples, seq_len=seq_len, seed=seed, target_kl=target_kl,
+                              sensitivity=not no_sensitivity)
+    measured = measure(bundle, paths, opts, progress=sys.stderr.isatty())
+    for note in measured.notes:
+        err.print(f"[yellow]note:[/] {note}", highlight=False)
+    path = commit(bundle, measured.calibration)
+    header, rows = cal_report.summary(measured.calibration)
+    table = Table(title="calibration", box=box.SIMPLE_HEAD)
+    for col in header:
+        table.add_column(col, justify="right", no_wrap=True)
+    for row in rows:
+        table.add_row(*row)
+    (out if out.is_terminal else Console(width=160)).print(table)  # no squeezing when piped
+    err.print(f"wrote {path} in {measured.total_s:.1f} s "
+              f"({', '.join(f'{k} {v:.1f} s' for k, v in measured.seconds.items())})")
+    if not no_report:
+        written = cal_report.write_report(measured.calibration, folder, measured.seconds, str(path))
+        err.print(f"wrote {len(written)} report files to {folder}")
 
 
 def main() -> None:

@@ -3,11 +3,14 @@ look-ahead routers, calibration priors, storage and loader -> an Orchestrator.""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from .budget import parse_budget
 from .bundle import Bundle
 from .costs import resident_costs
+from .engine_cache import EngineCache
 from .loader import Loader
 from .orchestrator import Orchestrator
 from .policy_config import resolve, retention_schedule
@@ -46,7 +49,9 @@ def build_orchestrator(bundle: Bundle, run: PolicyRun) -> Orchestrator:
     calibrated, priors = calibration_inputs(bundle)
     retention = retention_schedule(cfg, spec.num_layers, calibrated)
     storage = Storage(run.io, load_profile(run.storage_profile) if run.storage_profile else None)
-    loader = Loader(bundle, storage, workers=cfg.loader_workers)
+    engines = None if run.engine_cache is None else EngineCache(None if run.engine_cache == "auto"
+                                                                  else Path(run.engine_cache))
+    loader = Loader(bundle, storage, workers=cfg.loader_workers, engine_cache=engines)
     try:
         return Orchestrator(bundle, cfg, loader, costs, budget, retention,
                             routers=router_weights(bundle) if cfg.prefetch else None,

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from dymoe.errors import BundleError, ChecksumError
 
 from .bundle import Bundle
+from .engine_cache import CACHED_PRECISIONS, EngineCache
 from .sessions import create_session
 from .storage import Storage
 
@@ -38,10 +39,11 @@ class LoadTotals:
 
 class Loader:
     def __init__(self, bundle: Bundle, storage: Storage, workers: int = 1,
-                 session_config: dict[str, str] | None = None) -> None:
+                 session_config: dict[str, str] | None = None, engine_cache: EngineCache | None = None) -> None:
         self.bundle = bundle
         self.storage = storage
         self.session_config = session_config
+        self.engine_cache = engine_cache
         self.totals = LoadTotals()
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dymoe-load")
@@ -53,6 +55,16 @@ class Loader:
         if entry is None:
             raise BundleError(f"manifest.json lists no file {rel}", "re-export the bundle")
         path = self.bundle.path / rel
+        cache = self.engine_cache if precision in CACHED_PRECISIONS and not self.session_config else None
+        hit = cache.lookup(entry.sha256) if cache else None
+        if hit is not None:
+            cached, digest = hit
+            result = self.storage.read(cached)
+            if hashlib.sha256(result.data).hexdigest() == digest:
+                t = time.perf_counter()
+                session = create_session(result.data, 1, str(cached), optimize=False)
+                return self._done(layer, expert, precision, session, result, time.perf_counter() - t)
+            cache.discard(cached)  # damaged: rebuild it from the bundle below
         try:
             result = self.storage.read(path)
         except FileNotFoundError:
@@ -61,8 +73,15 @@ class Loader:
             raise ChecksumError(f"checksum mismatch: {path} does not match manifest.json",
                                 "the file was changed or damaged; re-export the bundle")
         t = time.perf_counter()
-        session = create_session(result.data, 1, str(path), self.session_config)
+        temp = cache.temp_path(entry.sha256) if cache else None
+        session = create_session(result.data, 1, str(path), self.session_config,
+                                 save_optimized=str(temp) if temp else None)
         create_s = time.perf_counter() - t
+        if cache:
+            cache.commit(entry.sha256, temp)
+        return self._done(layer, expert, precision, session, result, create_s)
+
+    def _done(self, layer: int, expert: int, precision: str, session, result, create_s: float) -> Loaded:
         with self._lock:
             self.totals.loads += 1
             self.totals.bytes_read += len(result.data)

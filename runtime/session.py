@@ -27,6 +27,7 @@ class PolicyRun:
     policy_config: Path | None = None
     io: str = "cached"
     storage_profile: str | None = None
+    engine_cache: str | None = "auto"  # "auto": the user cache folder; a folder; None: off
     overrides: dict = field(default_factory=dict)  # PolicyConfig fields given on the command line
 
 

@@ -23,12 +23,18 @@ def backbone_threads() -> int:
 EXACT_INT_MATH = {"session.qdq_matmulnbits_accuracy_level": "0"}
 
 
-def session_options(threads: int, config: dict[str, str] | None = None) -> ort.SessionOptions:
+def session_options(threads: int, config: dict[str, str] | None = None, optimize: bool = True,
+                    save_optimized: str | None = None) -> ort.SessionOptions:
+    """``optimize=False`` for graphs ORT already optimised (the engine cache);
+    ``save_optimized`` writes ORT's optimised graph to that path while building."""
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                   else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    if save_optimized:
+        so.optimized_model_filepath = save_optimized
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.add_session_config_entry("session.inter_op.allow_spinning", "0")
     so.log_severity_level = 3
@@ -37,10 +43,10 @@ def session_options(threads: int, config: dict[str, str] | None = None) -> ort.S
     return so
 
 
-def create_session(model_bytes: bytes, threads: int, label: str,
-                   config: dict[str, str] | None = None) -> ort.InferenceSession:
+def create_session(model_bytes: bytes, threads: int, label: str, config: dict[str, str] | None = None,
+                   optimize: bool = True, save_optimized: str | None = None) -> ort.InferenceSession:
     try:
-        return ort.InferenceSession(model_bytes, session_options(threads, config),
+        return ort.InferenceSession(model_bytes, session_options(threads, config, optimize, save_optimized),
                                     providers=["CPUExecutionProvider"])
     except Exception as e:  # ORT raises its own types for invalid graphs
         raise BundleError(f"ONNX Runtime cannot load {label}: {e}", "re-export the bundle") from None

@@ -1,11 +1,15 @@
 from __future__ import annotations
 
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+# measured engine costs and ORT-optimised graphs are cached per user: keep tests' apart
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="dymoe-test-cache-")
 
 from tiny_models import ARCHS, make_tiny_model  # noqa: E402
 
