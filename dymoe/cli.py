@@ -184,8 +184,9 @@ def run(
     if policy is not None and precision is not None:
         raise DymoeError("--precision and --policy exclude each other",
                          "use --policy static-int4 (budgeted) or --precision int4 (all resident)")
-    plan = None if policy is None else PolicyRun(policy, budget, policy_config, io, storage_profile,
-                                                 None if engine_cache == "off" else engine_cache, overrides)
+    plan = None if policy is None else PolicyRun(
+        policy, budget, policy_config=policy_config, io=io, storage_profile=storage_profile,
+        engine_cache=None if engine_cache == "off" else engine_cache, overrides=overrides)
     session = open_model(bundle, precision=precision, progress=sys.stderr.isatty(), policy=plan)
     try:
         result = session.generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
@@ -265,7 +266,9 @@ def calibrate(
         from dymoe.calibration.schema import read_calibration
         from dymoe.manifest import read_manifest
 
-        written = cal_report.write_report(read_calibration(bundle, read_manifest(bundle)), folder)
+        manifest = read_manifest(bundle)
+        written = cal_report.write_report(read_calibration(bundle, manifest), folder,
+                                          source=str(bundle / (manifest.calibration or "")))
         err.print(f"wrote {len(written)} report files to {folder}")
         return
     from dymoe.calibration.run import commit, measure

@@ -41,10 +41,10 @@ def calibration_inputs(bundle: Bundle) -> tuple[list[float] | None, dict | None]
 
 
 def build_orchestrator(bundle: Bundle, run: PolicyRun) -> Orchestrator:
-    cfg = resolve(run.policy, bundle.precisions, run.policy_config, **run.overrides)
+    cfg = resolve(run.policy, bundle.precisions, run.policy_config, run.full_precision, **run.overrides)
     costs = resident_costs(bundle.path)
     spec = bundle.spec
-    all_top = costs[bundle.precisions[0]] * spec.num_layers * spec.num_experts
+    all_top = costs[run.full_precision or bundle.precisions[0]] * spec.num_layers * spec.num_experts
     budget = parse_budget(run.budget, all_top)
     calibrated, priors = calibration_inputs(bundle)
     retention = retention_schedule(cfg, spec.num_layers, calibrated)

@@ -46,13 +46,19 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def perplexity(model: MoEModel, ids: list[int], window: int = 128, max_windows: int | None = None,
-               on_window: Callable[[int], None] | None = None) -> Perplexity:
+               on_window: Callable[[int], None] | None = None, stepwise: bool = False) -> Perplexity:
+    """``stepwise`` feeds each window token by token (one prefill token, then decode steps),
+    so a policy makes its decode-time decisions exactly as it does while generating."""
     context = model.spec.max_position_embeddings
     window = min(window, context)
     total, count, top1 = 0.0, 0, []
     chunks = windows(ids, window, max_windows)
     for i, chunk in enumerate(chunks):
-        logits = model.forward(np.asarray(chunk), model.new_cache(), all_logits=True)[:-1]
+        if stepwise:
+            cache = model.new_cache()
+            logits = np.concatenate([model.forward(np.asarray([t]), cache) for t in chunk[:-1]])
+        else:
+            logits = model.forward(np.asarray(chunk), model.new_cache(), all_logits=True)[:-1]
         logp = log_softmax(logits)
         target = np.asarray(chunk[1:])
         total -= float(logp[np.arange(len(target)), target].sum())

@@ -37,9 +37,10 @@ class PolicyConfig:
     loader_workers: int = 1
 
 
-def preset(name: str, precisions: list[str]) -> dict:
-    """Settings of a named policy for a bundle with ``precisions`` (highest first)."""
-    top = precisions[0]
+def preset(name: str, precisions: list[str], top: str | None = None) -> dict:
+    """Settings of a named policy for a bundle with ``precisions`` (highest first); ``top`` is
+    the full precision of the baselines (default: the highest)."""
+    top = top or precisions[0]
     low = [p for p in ("int4", "int2") if p in precisions]
     presets = {
         "ondemand": dict(ladder=top, cache=False),
@@ -56,9 +57,12 @@ def preset(name: str, precisions: list[str]) -> dict:
     return presets[name]
 
 
-def resolve(name: str, precisions: list[str], file: Path | None = None, **overrides) -> PolicyConfig:
+def resolve(name: str, precisions: list[str], file: Path | None = None, top: str | None = None,
+            **overrides) -> PolicyConfig:
     """Preset, then the TOML file's keys, then explicit overrides (``None`` means not given)."""
-    settings = preset(name, precisions)
+    if top is not None and top not in precisions:
+        raise InputError(f"full precision {top!r} is not in this bundle", f"choose one of {', '.join(precisions)}")
+    settings = preset(name, precisions, top)
     if file is not None:
         try:
             data = tomllib.loads(Path(file).read_text())

@@ -28,6 +28,7 @@ class PolicyRun:
     io: str = "cached"
     storage_profile: str | None = None
     engine_cache: str | None = "auto"  # "auto": the user cache folder; a folder; None: off
+    full_precision: str | None = None  # what "full precision" means (default: the bundle's highest)
     overrides: dict = field(default_factory=dict)  # PolicyConfig fields given on the command line
 
 

@@ -1,0 +1,83 @@
+"""Policies side by side on one bundle, in one process: interleaved runs (A B C A B C ...)
+after a warm-up, a fresh cache per run, medians and spreads, ratios from the raw numbers, and
+held-out perplexity per policy beside the speed."""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from .evaluate import perplexity
+from .session import ModelSession, PolicyRun, open_model
+
+SPEED_KEYS = ("ttft_s", "tpot_s", "stall_per_token_s", "bytes_read_per_token", "hit_rate", "prefetch_recall",
+              "prefetch_precision", "peak_resident_bytes", "load_read_s", "load_create_s")
+
+
+@dataclass
+class Comparison:
+    runs: dict[str, list[dict]]  # policy -> one metrics dict per measured run
+    perplexity: dict[str, float]
+    top1_agreement: dict[str, float]
+
+    def summary(self) -> dict[str, dict]:
+        out = {}
+        for policy, runs in self.runs.items():
+            row = {}
+            for k in SPEED_KEYS:
+                xs = [r[k] for r in runs if r.get(k) is not None]
+                row[k] = statistics.median(xs) if xs else None
+                row[k + "_spread"] = (max(xs) - min(xs)) if xs else None
+            row["peak_rss_bytes"] = max(r["peak_rss_bytes"] for r in runs)
+            row["perplexity"] = self.perplexity.get(policy)
+            row["top1_agreement"] = self.top1_agreement.get(policy)
+            out[policy] = row
+        for base in ("ondemand", "lru"):
+            if base in out:
+                for row in out.values():
+                    for k in ("ttft_s", "tpot_s"):
+                        row[f"{k}_speedup_vs_{base}"] = out[base][k] / row[k] if row[k] else None
+        return out
+
+
+def _one_run(bundle: Path, plan: PolicyRun, prompt_ids: list[int], new_tokens: int) -> dict:
+    s: ModelSession = open_model(bundle, policy=plan)
+    try:
+        return s.metrics(s.generate_ids(prompt_ids, max_new_tokens=new_tokens))
+    finally:
+        s.close()
+
+
+def compare(bundle: Path, policies: list[str], base: PolicyRun, prompts: list[list[int]], new_tokens: int,
+            repeats: int, ppl_ids: list[int] | None = None, ppl_window: int = 128, ppl_windows: int = 4,
+            reference: str = "fp32", on_run=None) -> Comparison:
+    plans = {p: replace(base, policy=p) for p in policies}
+    for p in policies:  # warm-up: imports, measured costs, engine cache, page cache
+        _one_run(bundle, plans[p], prompts[0], 2)
+    runs: dict[str, list[dict]] = {p: [] for p in policies}
+    for _ in range(repeats):
+        for prompt in prompts:
+            for p in policies:
+                runs[p].append(_one_run(bundle, plans[p], prompt, new_tokens))
+                if on_run:
+                    on_run(p)
+    ppl, agree = {}, {}
+    if ppl_ids:
+        ref_session = open_model(bundle, precision=reference) if reference else None
+        ref = perplexity(ref_session.model, ppl_ids, ppl_window, ppl_windows, stepwise=True) if ref_session else None
+        for p in policies:
+            s = open_model(bundle, policy=plans[p])
+            try:
+                r = perplexity(s.model, ppl_ids, ppl_window, ppl_windows, stepwise=True)
+            finally:
+                s.close()
+            ppl[p] = r.ppl
+            if ref is not None:
+                same = sum(int((a == b).sum()) for a, b in zip(r.top1, ref.top1, strict=True))
+                agree[p] = same / r.tokens
+            if on_run:
+                on_run(p)
+        if ref is not None:
+            ppl[f"reference ({reference}, all resident)"] = ref.ppl
+    return Comparison(runs, ppl, agree)
