@@ -205,7 +205,8 @@ def run(
 def _print_run_summary(m: dict) -> None:
     line = (f"{m['new_tokens']} tokens | TTFT {m['ttft_s'] * 1e3:.1f} ms | TPOT {m['tpot_s'] * 1e3:.1f} ms "
             f"(p50 {m['tpot_p50_s'] * 1e3:.1f}, p90 {m['tpot_p90_s'] * 1e3:.1f}) | experts {m['experts']} | "
-            f"peak RSS {_mib(m['peak_rss_bytes'])} | stop: {m['stop_reason']}")
+            f"backbone {_mib(m['backbone_file_bytes'])} | peak RSS {_mib(m['peak_rss_bytes'])} | "
+            f"stop: {m['stop_reason']}")
     err.print(f"[dim]{line}[/]", highlight=False)
     if "policy" in m:
         pp, pr = m["prefetch_precision"], m["prefetch_recall"]

@@ -33,6 +33,7 @@ class MoEModel:
         self.spec = bundle.spec
         self.experts = experts
         bb = bundle.manifest.backbone
+        self.backbone_files = [bb.embed, *bb.layers, bb.head]
         self.embed = bundle.session(bb.embed)
         self.layers = [bundle.session(rel) for rel in bb.layers]
         self.head = bundle.session(bb.head)

@@ -78,6 +78,8 @@ class ModelSession:
             "token_times_s": times,
             "stop_reason": result.stop_reason,
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            # resident outside any expert budget: embeddings, attention, routers, head
+            "backbone_file_bytes": sum(self.bundle.manifest.files[r].bytes for r in self.model.backbone_files),
             "prompt_ids": result.prompt_ids,
             "token_ids": result.token_ids,
             "text": self.tokenizer.decode(result.token_ids),
