@@ -29,7 +29,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 err = Console(stderr=True, soft_wrap=True)
-out = Console()
+# wide tables stay readable when piped into a file or a CI log
+out = Console() if Console().is_terminal else Console(width=200)
 
 
 def friendly(fn):
@@ -221,6 +222,169 @@ def _print_run_summary(m: dict) -> None:
 
 @app.command()
 @friendly
+def bench(
+    bundle: Annotated[Path, typer.Argument(help="Bundle folder.")],
+    policies: Annotated[str, typer.Option(help="Comma list of policies to compare.")] = defaults.BENCH_POLICIES,
+    budget: Annotated[str, typer.Option(help="Expert memory budget (size or %% of full-precision experts).")]
+    = defaults.BENCH_BUDGET,
+    sweep_budget: Annotated[str | None, typer.Option(help="Comma list of budgets to repeat the comparison at.")]
+    = None,
+    io: Annotated[str, typer.Option(help="cached, or direct (loads read storage).")] = "cached",
+    storage_profile: Annotated[str | None, typer.Option(help="Emulated device storage profile.")] = None,
+    full_precision: Annotated[str | None, typer.Option(help="What baselines load (default: the bundle's highest).")]
+    = None,
+    prompts: Annotated[Path | None, typer.Option(help="Prompts: one per line, or JSON Lines with 'prompt'.")] = None,
+    prompt_tokens: Annotated[int | None, typer.Option(min=1, help="Cut or repeat each prompt to this length.")]
+    = None,
+    new_tokens: Annotated[int, typer.Option(min=1, help="Tokens generated per run.")] = defaults.BENCH_NEW_TOKENS,
+    repeats: Annotated[int, typer.Option(min=1, help="Rounds over all prompts and policies.")] = 3,
+    accuracy: Annotated[bool, typer.Option("--accuracy/--no-accuracy", help="Measure perplexity per policy.")]
+    = True,
+    data: Annotated[Path | None, typer.Option(help="Held-out text for perplexity (default: the demo's).")] = None,
+    windows: Annotated[int, typer.Option(min=1, help="Perplexity windows (of --window tokens).")] = 4,
+    window: Annotated[int, typer.Option(min=2, help="Perplexity window length.")] = 128,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the full result here.")] = None,
+    plot: Annotated[Path | None, typer.Option(help="Folder for PNG plots.")] = None,
+) -> None:
+    """Compare policies side by side: TTFT, TPOT, stall, bytes read, hit rate, prefetch recall,
+    peak RSS, and held-out perplexity with top-1 agreement against the fp32 reference.
+
+    Runs are interleaved (A B C A B C ...) after a warm-up, each with a fresh cache; medians.
+
+    Examples:
+      dymoe bench B --policies ondemand,lru,lru-prefetch,static-int4,dymoe --budget 25% --io direct
+      dymoe bench B --sweep-budget 15%,25%,50%,100% --storage-profile orin-nano-nvme --plot results/
+    """
+    from dymoe.runtime.bench import BenchOptions, read_prompts, run_bench
+    from dymoe.runtime.bench_report import print_tables, write_plots
+    from dymoe.runtime.session import PolicyRun
+
+    if accuracy and data is None:
+        data = _demo_heldout_if_demo(bundle)
+    opts = BenchOptions(
+        policies=[p.strip() for p in policies.split(",") if p.strip()],
+        budgets=[b.strip() for b in (sweep_budget or budget).split(",") if b.strip()],
+        base=PolicyRun("lru", io=io, storage_profile=storage_profile, full_precision=full_precision),
+        prompts=read_prompts(prompts) if prompts else None, prompt_tokens=prompt_tokens, new_tokens=new_tokens,
+        repeats=repeats, accuracy=accuracy, data=data, window=window, windows=windows)
+    with _spinner("benchmarking") as tick:
+        result = run_bench(bundle, opts, on_run=tick)
+    print_tables(result, out)
+    if json_out:
+        from dymoe.fsutil import atomic_write_text
+
+        atomic_write_text(json_out, json.dumps(result, indent=1) + "\n")
+        err.print(f"wrote {json_out}")
+    if plot:
+        for path in write_plots(result, plot):
+            err.print(f"wrote {path}")
+
+
+@app.command("eval")
+@friendly
+def evaluate(
+    bundle: Annotated[Path, typer.Argument(help="Bundle folder.")],
+    data: Annotated[Path | None, typer.Option(help="Held-out text (default: the demo model's).")] = None,
+    policy: Annotated[str | None, typer.Option(help="Evaluate under this budgeted policy.")] = None,
+    budget: Annotated[str, typer.Option(help="Budget for --policy.")] = defaults.BUDGET,
+    precision: Annotated[str | None, typer.Option(help="All experts at this precision (default: highest).")]
+    = None,
+    window: Annotated[int, typer.Option(min=2, help="Tokens per window.")] = 128,
+    max_windows: Annotated[int | None, typer.Option(min=1, help="Score at most this many windows.")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the result here.")] = None,
+) -> None:
+    """Perplexity on held-out text, and top-1 agreement with the fp32 reference.
+
+    With --policy the text is fed token by token, so the policy decides as it does while
+    generating. Examples:
+      dymoe eval B --data heldout.txt
+      dymoe eval B --policy dymoe --budget 25%
+    """
+    from rich.progress import Progress
+
+    from dymoe.runtime.evaluate import perplexity, windows
+    from dymoe.runtime.session import PolicyRun, open_model
+
+    if data is None:
+        data = _demo_heldout_if_demo(bundle)
+        if data is None:
+            raise DymoeError("no --data given and this bundle is not the demo model's", "pass --data FILE")
+    if policy is not None and precision is not None:
+        raise DymoeError("--precision and --policy exclude each other", "choose one")
+    try:
+        text = Path(data).read_text(encoding="utf-8")
+    except (FileNotFoundError, UnicodeDecodeError) as e:
+        raise DymoeError(f"cannot read --data {data} ({e.__class__.__name__})", "pass a UTF-8 text file") from None
+    results = {}
+    session = open_model(bundle, precision=precision,
+                         policy=PolicyRun(policy, budget) if policy else None)
+    ids = session.tokenizer.encode(text)
+    n = len(windows(ids, min(window, session.bundle.spec.max_position_embeddings), max_windows))
+    try:
+        with Progress(transient=True, console=err) as bar:
+            task = bar.add_task(f"perplexity ({session.label})", total=n)
+            results["run"] = perplexity(session.model, ids, window, max_windows, stepwise=policy is not None,
+                                        on_window=lambda i: bar.advance(task))
+            ref_prec = "fp32" if "fp32" in session.bundle.precisions else session.bundle.precisions[0]
+            if policy is not None or (precision or session.bundle.precisions[0]) != ref_prec:
+                ref = open_model(bundle, precision=ref_prec)
+                task = bar.add_task(f"reference ({ref_prec})", total=n)
+                results["reference"] = perplexity(ref.model, ids, window, max_windows,
+                                                  on_window=lambda i: bar.advance(task))
+    finally:
+        session.close()
+    r = results["run"]
+    report = {"bundle": str(bundle), "data": str(data), "experts": session.label, "perplexity": r.ppl,
+              "nll": r.nll, "tokens": r.tokens, "windows": r.windows}
+    if "reference" in results:
+        ref = results["reference"]
+        same = sum(int((a == b).sum()) for a, b in zip(r.top1, ref.top1, strict=True))
+        report.update(reference_perplexity=ref.ppl, top1_agreement=same / r.tokens)
+    out.print(f"perplexity {r.ppl:.4f} over {r.tokens} tokens ({r.windows} windows, {session.label})"
+              + (f"; reference {report['reference_perplexity']:.4f}, top-1 agreement {report['top1_agreement']:.3f}"
+                 if "reference" in results else ""))
+    if json_out:
+        from dymoe.fsutil import atomic_write_text
+
+        atomic_write_text(json_out, json.dumps(report, indent=1) + "\n")
+
+
+def _demo_heldout_if_demo(bundle: Path) -> Path | None:
+    """The shipped demo model's held-out text, when ``bundle`` was exported from it."""
+    try:
+        from dymoe.demo import demo_heldout_for
+    except ImportError:
+        return None
+    return demo_heldout_for(bundle)
+
+
+class _spinner:
+    """A progress line that counts finished runs (on stderr, only on a terminal)."""
+
+    def __init__(self, label: str) -> None:
+        from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+        self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                                 console=err, transient=True, disable=not sys.stderr.isatty())
+        self.label = label
+        self.count = 0
+
+    def __enter__(self):
+        self.progress.__enter__()
+        self.task = self.progress.add_task(self.label)
+
+        def tick(policy: str) -> None:
+            self.count += 1
+            self.progress.update(self.task, description=f"{self.label}: {self.count} runs (last: {policy})")
+
+        return tick
+
+    def __exit__(self, *exc):
+        return self.progress.__exit__(*exc)
+
+
+@app.command()
+@friendly
 def demo() -> None:
     """Export the shipped demo model and run it (arrives with the demo-model issue).
 
@@ -239,7 +403,10 @@ def calibrate(
     data: Annotated[list[Path] | None, typer.Option(
         "--data", metavar="PATH [PATH...]", show_default=False,
         help="Plain text, JSON Lines (field 'text') or a folder of them; several may follow --data.")] = None,
-    samples: Annotated[int, typer.Option(min=1, help="Token windows drawn from the data.")] = cal_defaults.SAMPLES,
+    samples: Annotated[int, typer.Option(
+        min=1, help="Token windows drawn from the data (importance, predictability).")] = cal_defaults.SAMPLES,
+    sensitivity_samples: Annotated[int, typer.Option(
+        min=1, help="Of those, windows rerun per sensitivity variant.")] = cal_defaults.SENSITIVITY_SAMPLES,
     seq_len: Annotated[int, typer.Option(min=2, help="Tokens per window (one prefill each).")] = cal_defaults.SEQ_LEN,
     seed: Annotated[int, typer.Option(help="Chooses the windows.")] = cal_defaults.SEED,
     target_kl: Annotated[float, typer.Option(
@@ -277,8 +444,8 @@ def calibrate(
     paths = [*(data or []), *(more or [])]
     if not no_report:
         cal_report.require_matplotlib()  # fail before measuring, not after
-    opts = CalibrationOptions(samples=samples, seq_len=seq_len, seed=seed, target_kl=target_kl,
-                              sensitivity=not no_sensitivity)
+    opts = CalibrationOptions(samples=samples, sensitivity_samples=sensitivity_samples, seq_len=seq_len, seed=seed,
+                              target_kl=target_kl, sensitivity=not no_sensitivity)
     measured = measure(bundle, paths, opts, progress=sys.stderr.isatty())
     for note in measured.notes:
         err.print(f"[yellow]note:[/] {note}", highlight=False)

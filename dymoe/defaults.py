@@ -6,3 +6,6 @@ BLOCK_SIZE = 32  # chosen by measurement, see README "Quantization"
 EXPORT_WORKERS = 1
 MAX_NEW_TOKENS = 64
 BUDGET = "100%"  # of every expert resident at the bundle's top precision
+BENCH_POLICIES = "ondemand,lru,lru-prefetch,static-int4,dymoe"
+BENCH_BUDGET = "25%"
+BENCH_NEW_TOKENS = 32

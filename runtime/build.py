@@ -12,8 +12,8 @@ from .bundle import Bundle
 from .costs import resident_costs
 from .engine_cache import EngineCache
 from .loader import Loader
-from .orchestrator import Orchestrator
-from .policy_config import resolve, retention_schedule
+from .orchestrator import Orchestrator, check_budget
+from .policy_config import PolicyConfig, resolve, retention_schedule
 from .session import PolicyRun
 from .storage import Storage, load_profile
 
@@ -40,12 +40,20 @@ def calibration_inputs(bundle: Bundle) -> tuple[list[float] | None, dict | None]
     return load_priors(bundle)
 
 
-def build_orchestrator(bundle: Bundle, run: PolicyRun) -> Orchestrator:
+def plan(bundle: Bundle, run: PolicyRun) -> tuple[PolicyConfig, dict[str, int], int]:
+    """Resolve the policy, measure engine costs and check the budget, loading no expert."""
     cfg = resolve(run.policy, bundle.precisions, run.policy_config, run.full_precision, **run.overrides)
     costs = resident_costs(bundle.path)
     spec = bundle.spec
     all_top = costs[run.full_precision or bundle.precisions[0]] * spec.num_layers * spec.num_experts
     budget = parse_budget(run.budget, all_top)
+    check_budget(cfg, costs, budget, spec.top_k)
+    return cfg, costs, budget
+
+
+def build_orchestrator(bundle: Bundle, run: PolicyRun) -> Orchestrator:
+    cfg, costs, budget = plan(bundle, run)
+    spec = bundle.spec
     calibrated, priors = calibration_inputs(bundle)
     retention = retention_schedule(cfg, spec.num_layers, calibrated)
     storage = Storage(run.io, load_profile(run.storage_profile) if run.storage_profile else None)

@@ -49,35 +49,52 @@ def _one_run(bundle: Path, plan: PolicyRun, prompt_ids: list[int], new_tokens: i
         s.close()
 
 
-def compare(bundle: Path, policies: list[str], base: PolicyRun, prompts: list[list[int]], new_tokens: int,
-            repeats: int, ppl_ids: list[int] | None = None, ppl_window: int = 128, ppl_windows: int = 4,
-            reference: str = "fp32", on_run=None) -> Comparison:
+def speed_runs(bundle: Path, policies: list[str], base: PolicyRun, prompts: list[list[int]], new_tokens: int,
+               repeats: int, on_run=None) -> dict[str, list[dict]]:
     plans = {p: replace(base, policy=p) for p in policies}
     for p in policies:  # warm-up: imports, measured costs, engine cache, page cache
         _one_run(bundle, plans[p], prompts[0], 2)
     runs: dict[str, list[dict]] = {p: [] for p in policies}
     for _ in range(repeats):
         for prompt in prompts:
-            for p in policies:
+            for p in policies:  # interleaved, so drifts of a shared machine hit every policy alike
                 runs[p].append(_one_run(bundle, plans[p], prompt, new_tokens))
                 if on_run:
                     on_run(p)
+    return runs
+
+
+def reference_perplexity(bundle: Path, ids: list[int], precision: str, window: int, windows: int):
+    s = open_model(bundle, precision=precision)
+    return perplexity(s.model, ids, window, windows, stepwise=True)
+
+
+def accuracy(bundle: Path, policies: list[str], base: PolicyRun, ids: list[int], reference, window: int,
+             windows: int, on_run=None) -> tuple[dict[str, float], dict[str, float]]:
+    """Held-out perplexity per policy (decode path, token by token) and top-1 agreement with
+    ``reference`` (a Perplexity of the all-resident reference precision)."""
+    ppl, agree = {}, {}
+    for p in policies:
+        s = open_model(bundle, policy=replace(base, policy=p))
+        try:
+            r = perplexity(s.model, ids, window, windows, stepwise=True)
+        finally:
+            s.close()
+        ppl[p] = r.ppl
+        same = sum(int((a == b).sum()) for a, b in zip(r.top1, reference.top1, strict=True))
+        agree[p] = same / r.tokens
+        if on_run:
+            on_run(p)
+    return ppl, agree
+
+
+def compare(bundle: Path, policies: list[str], base: PolicyRun, prompts: list[list[int]], new_tokens: int,
+            repeats: int, ppl_ids: list[int] | None = None, ppl_window: int = 128, ppl_windows: int = 4,
+            reference: str = "fp32", on_run=None, reference_result=None) -> Comparison:
+    runs = speed_runs(bundle, policies, base, prompts, new_tokens, repeats, on_run)
     ppl, agree = {}, {}
     if ppl_ids:
-        ref_session = open_model(bundle, precision=reference) if reference else None
-        ref = perplexity(ref_session.model, ppl_ids, ppl_window, ppl_windows, stepwise=True) if ref_session else None
-        for p in policies:
-            s = open_model(bundle, policy=plans[p])
-            try:
-                r = perplexity(s.model, ppl_ids, ppl_window, ppl_windows, stepwise=True)
-            finally:
-                s.close()
-            ppl[p] = r.ppl
-            if ref is not None:
-                same = sum(int((a == b).sum()) for a, b in zip(r.top1, ref.top1, strict=True))
-                agree[p] = same / r.tokens
-            if on_run:
-                on_run(p)
-        if ref is not None:
-            ppl[f"reference ({reference}, all resident)"] = ref.ppl
+        ref = reference_result or reference_perplexity(bundle, ppl_ids, reference, ppl_window, ppl_windows)
+        ppl, agree = accuracy(bundle, policies, base, ppl_ids, ref, ppl_window, ppl_windows, on_run)
+        ppl[f"reference ({reference}, all resident)"] = ref.ppl
     return Comparison(runs, ppl, agree)

@@ -23,7 +23,15 @@ from .bundle import Bundle
 from .cache import HIT, MISS, PROMOTE, CacheState, Entry, Key, classify
 from .experts import LayerStep
 from .loader import Loaded, Loader
-from .policy import RANK, SKIP, choose_precisions, heavy_hitter_counts, predicted_experts, renormalise
+from .policy import (
+    RANK,
+    SKIP,
+    choose_precisions,
+    heavy_hitter_counts,
+    minimum_working_set,
+    predicted_experts,
+    renormalise,
+)
 from .policy_config import PolicyConfig
 
 
@@ -45,6 +53,17 @@ class RunCounters:
     load_errors: int = 0
     peak_resident: int = 0
     mix: dict[int, Counter] = field(default_factory=lambda: defaultdict(Counter))
+
+
+def check_budget(config: PolicyConfig, costs: dict[str, int], budget: int, top_k: int) -> None:
+    need = minimum_working_set(config.ladder, costs, top_k)
+    if budget < need:
+        lowest = min((p for p in config.ladder if p != SKIP), key=RANK.get)
+        raise InputError(
+            f"budget {budget / 2**20:.1f} MiB is below the minimum working set {need / 2**20:.1f} MiB "
+            f"(one layer's top-{top_k} experts at {lowest}, policy {config.name})",
+            "raise --budget, or use a lower-precision ladder",
+        )
 
 
 class Orchestrator:
@@ -71,14 +90,7 @@ class Orchestrator:
     # --- set-up -------------------------------------------------------------------------
 
     def _check_budget(self) -> None:
-        steps = [p for p in self.config.ladder if p != SKIP]
-        need = self.spec.top_k * min(self.costs[p] for p in steps)
-        if self.cache.budget < need:
-            raise InputError(
-                f"budget {self.cache.budget / 2**20:.1f} MiB is below the minimum working set "
-                f"{need / 2**20:.1f} MiB (one layer's top-{self.spec.top_k} experts at {min(steps, key=RANK.get)})",
-                "raise --budget, or use a lower-precision ladder",
-            )
+        check_budget(self.config, self.costs, self.cache.budget, self.spec.top_k)
 
     def _pin_hot(self, priors: dict[Key, float]) -> None:
         """Load and pin the experts calibration found hottest, up to pin_fraction of the budget."""

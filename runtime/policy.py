@@ -21,6 +21,12 @@ RANK = {"fp32": 5, "fp16": 4, "int8": 3, "int4": 2, "int2": 1, SKIP: 0}  # highe
 _SHORT = {"32": "fp32", "16": "fp16", "8": "int8", "4": "int4", "2": "int2", "0": SKIP}
 
 
+def minimum_working_set(ladder: Sequence[str], costs: dict[str, int], top_k: int) -> int:
+    """Bytes one layer's top-k experts need at the ladder's lowest precision (skip needs none)."""
+    steps = [p for p in ladder if p != SKIP]
+    return top_k * min(costs[p] for p in steps)
+
+
 def parse_ladder(text: str, available: Sequence[str]) -> list[str]:
     """``"4/2"`` -> ``["int4", "int2"]``; ``"fp16/4/0"`` -> ``["fp16", "int4", "skip"]``.
 
