@@ -31,15 +31,6 @@ def router_weights(bundle: Bundle) -> list[np.ndarray]:
     return routers
 
 
-def calibration_inputs(bundle: Bundle) -> tuple[list[float] | None, dict | None]:
-    """Calibrated r(l) and per-expert priors, when the bundle has been calibrated."""
-    try:
-        from dymoe.calibration.priors import load_priors
-    except ImportError:
-        return None, None
-    return load_priors(bundle)
-
-
 def plan(bundle: Bundle, run: PolicyRun) -> tuple[PolicyConfig, dict[str, int], int]:
     """Resolve the policy, measure engine costs and check the budget, loading no expert."""
     cfg = resolve(run.policy, bundle.precisions, run.policy_config, run.full_precision, **run.overrides)
@@ -54,7 +45,15 @@ def plan(bundle: Bundle, run: PolicyRun) -> tuple[PolicyConfig, dict[str, int], 
 def build_orchestrator(bundle: Bundle, run: PolicyRun) -> Orchestrator:
     cfg, costs, budget = plan(bundle, run)
     spec = bundle.spec
-    calibrated, priors = calibration_inputs(bundle)
+    calibrated, priors = None, None
+    if cfg.schedule == "calibrated" or cfg.eviction == "priority" or cfg.pin_fraction:
+        from dymoe.calibration.priors import load_calibration, priors_of, retention_of
+
+        cal = load_calibration(bundle)  # None when the bundle has not been calibrated
+        if cal is not None:
+            priors = priors_of(cal)
+            if cfg.schedule == "calibrated":
+                calibrated = retention_of(cal, cfg.ladder[-1])
     retention = retention_schedule(cfg, spec.num_layers, calibrated)
     storage = Storage(run.io, load_profile(run.storage_profile) if run.storage_profile else None)
     engines = None if run.engine_cache is None else EngineCache(None if run.engine_cache == "auto"

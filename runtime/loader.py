@@ -56,7 +56,7 @@ class Loader:
             raise BundleError(f"manifest.json lists no file {rel}", "re-export the bundle")
         path = self.bundle.path / rel
         cache = self.engine_cache if precision in CACHED_PRECISIONS and not self.session_config else None
-        hit = cache.lookup(entry.sha256) if cache else None
+        hit = cache.lookup(entry.sha256, path) if cache and path.is_file() else None
         if hit is not None:
             cached, digest = hit
             result = self.storage.read(cached)
@@ -79,6 +79,7 @@ class Loader:
         create_s = time.perf_counter() - t
         if cache:
             cache.commit(entry.sha256, temp)
+            cache.remember(entry.sha256, path)
         return self._done(layer, expert, precision, session, result, create_s)
 
     def _done(self, layer: int, expert: int, precision: str, session, result, create_s: float) -> Loaded:

@@ -175,3 +175,13 @@ def test_engine_cache_reuses_optimised_graphs(tiny_qwen3, tmp_path):
     cached[0].write_bytes(b"junk")
     third_tokens, _ = generate(tiny_qwen3.bundle, PolicyRun("static-int4", "100%", engine_cache=str(tmp_path)))
     assert third_tokens == plain and len(list(tmp_path.glob("*.onnx"))) == len(cached)
+
+
+def test_engine_cache_does_not_hide_a_damaged_bundle_file(tiny_qwen3, tmp_path):
+    bundle = tmp_path / "b"
+    shutil.copytree(tiny_qwen3.bundle, bundle)
+    run = PolicyRun("static-int4", "100%", engine_cache=str(tmp_path / "engines"))
+    generate(bundle, run)  # builds and caches every engine it used, from verified files
+    _corrupt_all(bundle, "int4")  # same paths, same sizes, new bytes
+    with pytest.raises(ChecksumError):
+        generate(bundle, run)
