@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test demo lint bench-export bench-decode clean
+.PHONY: setup test demo lint bench bench-export bench-decode clean calibrate
 
 setup: $(STAMP)
 
@@ -26,11 +26,32 @@ demo: setup
 lint: setup
 	$(BIN)/ruff check .
 
+# the standard policy comparison on the demo model and a realistic-shape synthetic model;
+# JSON and plots land in results/ (not committed)
+bench: setup
+	$(BIN)/python benchmarks/runtime_policies.py --model demo
+	$(BIN)/python benchmarks/runtime_policies.py --model synthetic
+
 bench-export: setup
 	$(BIN)/python benchmarks/export_throughput.py
 
 bench-decode: setup
 	$(BIN)/python benchmarks/decode_speed.py
+
+# Calibrate the shipped demo model (CI jobs; a few minutes at most on 2 cores): export it into
+# .cache/ when that bundle is missing or older than the weights, then measure on its held-out text.
+# calibration.json goes into the bundle, the report into results/calibration/.
+DEMO_MODEL  ?= models/demo
+DEMO_BUNDLE ?= .cache/calibrate/demo
+CAL_DATA    ?= $(DEMO_MODEL)/heldout.txt
+CAL_REPORT  ?= results/calibration
+CAL_ARGS    ?=
+
+calibrate: setup
+	@test -f $(DEMO_MODEL)/config.json || { echo "no demo model in $(DEMO_MODEL) yet (scripts/train_demo_model.py trains it)"; exit 1; }
+	@if [ ! -f $(DEMO_BUNDLE)/manifest.json ] || [ -n "$$(find $(DEMO_MODEL) -maxdepth 1 -newer $(DEMO_BUNDLE)/manifest.json \( -name '*.safetensors' -o -name '*.json' \))" ]; then \
+		$(BIN)/dymoe export $(DEMO_MODEL) --out $(DEMO_BUNDLE) --force; fi
+	$(BIN)/dymoe calibrate $(DEMO_BUNDLE) --data $(CAL_DATA) --report $(CAL_REPORT) $(CAL_ARGS)
 
 clean:
 	rm -rf build dist *.egg-info results .pytest_cache

@@ -86,15 +86,3 @@ def accuracy(bundle: Path, policies: list[str], base: PolicyRun, ids: list[int],
         if on_run:
             on_run(p)
     return ppl, agree
-
-
-def compare(bundle: Path, policies: list[str], base: PolicyRun, prompts: list[list[int]], new_tokens: int,
-            repeats: int, ppl_ids: list[int] | None = None, ppl_window: int = 128, ppl_windows: int = 4,
-            reference: str = "fp32", on_run=None, reference_result=None) -> Comparison:
-    runs = speed_runs(bundle, policies, base, prompts, new_tokens, repeats, on_run)
-    ppl, agree = {}, {}
-    if ppl_ids:
-        ref = reference_result or reference_perplexity(bundle, ppl_ids, reference, ppl_window, ppl_windows)
-        ppl, agree = accuracy(bundle, policies, base, ppl_ids, ref, ppl_window, ppl_windows, on_run)
-        ppl[f"reference ({reference}, all resident)"] = ref.ppl
-    return Comparison(runs, ppl, agree)
