@@ -19,11 +19,6 @@ from pathlib import Path
 SAMPLES = 3
 
 
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def measure_here(bundle_path: Path, samples: int = SAMPLES) -> dict[str, int]:
     """Measure in this process: smallest files first, everything kept alive until the end."""
     import gc
@@ -31,6 +26,7 @@ def measure_here(bundle_path: Path, samples: int = SAMPLES) -> dict[str, int]:
     import numpy as np
 
     from .bundle import Bundle
+    from .session import current_rss
     from .sessions import create_session
 
     bundle = Bundle(bundle_path)
@@ -47,12 +43,12 @@ def measure_here(bundle_path: Path, samples: int = SAMPLES) -> dict[str, int]:
     for p in sorted(bundle.precisions, key=sizes.get):
         datas = [bundle.read(bundle.expert_rel(layer, e, p)) for layer, e in keys]
         gc.collect()
-        before = _rss()
+        before = current_rss()
         for data in datas:
             s = create_session(data, 1, p)
             s.run(None, {"x": x})  # first run allocates kernel buffers too
             keep.append(s)
-        costs[p] = max(sizes[p], int((_rss() - before) / len(keys)))
+        costs[p] = max(sizes[p], int((current_rss() - before) / len(keys)))
         del datas
     return costs
 

@@ -3,6 +3,7 @@ precision, or a memory-budgeted policy), generate many times, report metrics."""
 
 from __future__ import annotations
 
+import os
 import resource
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,6 +17,14 @@ from .generate import GenerationResult, generate
 from .model import MoEModel
 from .sampling import SamplingParams
 from .tokenizer import StreamDecoder, TextTokenizer
+
+
+def current_rss() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:  # not Linux: fall back to the lifetime peak
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 @dataclass
@@ -40,6 +49,7 @@ class ModelSession:
     label: str
     orchestrator: object | None = None  # runtime.orchestrator.Orchestrator for budgeted policies
     _decode_bytes_from: int = 0
+    _rss_peak: int = 0  # highest RSS sampled after each token of the last generation
 
     def generate(self, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
                  seed: int = 0, stream: Callable[[str], object] | None = None) -> GenerationResult:
@@ -50,7 +60,10 @@ class ModelSession:
         decoder = StreamDecoder(self.tokenizer)
         loader = self.orchestrator.loader if self.orchestrator else None
 
+        self._rss_peak = current_rss()
+
         def on_token(t: int) -> None:
+            self._rss_peak = max(self._rss_peak, current_rss())
             if loader is not None and not decoder.ids:  # first token: prefill is over
                 self._decode_bytes_from = loader.totals.bytes_read
             if stream:
@@ -77,7 +90,10 @@ class ModelSession:
             "tpot_p90_s": float(np.percentile(times, 90)) if times else 0.0,
             "token_times_s": times,
             "stop_reason": result.stop_reason,
-            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            # sampled after every token of this generation; the process-lifetime peak (which
+            # includes earlier runs in the same process) is reported beside it
+            "peak_rss_bytes": self._rss_peak,
+            "process_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             # resident outside any expert budget: embeddings, attention, routers, head
             "backbone_file_bytes": sum(self.bundle.manifest.files[r].bytes for r in self.model.backbone_files),
             "prompt_ids": result.prompt_ids,
