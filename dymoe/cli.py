@@ -385,13 +385,18 @@ class _spinner:
 
 @app.command()
 @friendly
-def demo() -> None:
-    """Export the shipped demo model and run it (arrives with the demo-model issue).
+def demo(
+    model: Annotated[Path | None, typer.Option(help="Run the demo on another checkpoint folder instead.")] = None,
+    budget: Annotated[str, typer.Option(help="Expert memory budget for the demo.")] = defaults.DEMO_BUDGET,
+) -> None:
+    """Export the model that ships with dymoe (once; cached), generate under a memory budget,
+    and compare LRU offloading with DyMoE. No download needed.
 
     Example: dymoe demo
     """
-    err.print("dymoe demo: not yet — the shipped demo model arrives in a later release. "
-              "Meanwhile: dymoe export MODEL_DIR --out BUNDLE && dymoe run BUNDLE --prompt TEXT")
+    from dymoe.demo import run_demo
+
+    run_demo(out, err, model=model, budget=budget, progress=sys.stderr.isatty())
 
 
 @app.command()
@@ -422,7 +427,7 @@ def calibrate(
     """Measure expert importance, depth sensitivity and routing predictability on sample text;
     write calibration.json into the bundle (listed in its manifest) and a report with plots.
 
-    Example: dymoe calibrate bundles/qwen3 --data heldout.txt --samples 32 --report results/calibration
+    Example: dymoe calibrate bundles/qwen3 --data heldout.txt --samples 64 --report results/calibration
     """
     from rich import box
 
@@ -456,7 +461,7 @@ def calibrate(
         table.add_column(col, justify="right", no_wrap=True)
     for row in rows:
         table.add_row(*row)
-    (out if out.is_terminal else Console(width=160)).print(table)  # no squeezing when piped
+    out.print(table)
     err.print(f"wrote {path} in {measured.total_s:.1f} s "
               f"({', '.join(f'{k} {v:.1f} s' for k, v in measured.seconds.items())})")
     if not no_report:

@@ -9,3 +9,4 @@ BUDGET = "100%"  # of every expert resident at the bundle's top precision
 BENCH_POLICIES = "ondemand,lru,lru-prefetch,static-int4,dymoe"
 BENCH_BUDGET = "25%"
 BENCH_NEW_TOKENS = 32
+DEMO_BUDGET = "10%"  # of the fp16 experts: small enough that LRU offloading thrashes

@@ -11,10 +11,12 @@ import hashlib
 from importlib import resources
 from pathlib import Path
 
+from dymoe import defaults
 from dymoe.errors import DymoeError
 
 DEMO_PRECISIONS = ("fp32", "fp16", "int8", "int4", "int2")
 DEMO_PROMPT = "The for statement is used to"
+DEMO_STORAGE = "orin-nano-nvme"  # emulated, with --io direct: loads cost what they would on a Jetson
 
 
 def demo_model_dir() -> Path:
@@ -65,7 +67,7 @@ def ensure_demo_bundle(model: Path | None = None, progress: bool = True) -> Path
     return out
 
 
-def run_demo(console, err, model: Path | None = None, budget: str = "25%", max_new_tokens: int = 48,
+def run_demo(console, err, model: Path | None = None, budget: str = defaults.DEMO_BUDGET, max_new_tokens: int = 48,
              progress: bool = True) -> dict:
     """The whole demo; returns what it printed as numbers (for tests)."""
     import sys
@@ -83,8 +85,9 @@ def run_demo(console, err, model: Path | None = None, budget: str = "25%", max_n
     err.print(f"[bold]dymoe demo[/]: {m.model.model_type}, {m.model.num_layers} layers x {m.model.num_experts} "
               f"experts (top-{m.model.top_k}); bundle {bundle}")
     err.print(f"[bold]1. generate[/] under a budget of {budget} of the fp16 experts, policy dymoe "
-              "(mixed precision 4/2, cosine depth schedule, look-ahead prefetch)\n")
-    plan = PolicyRun("dymoe", budget, full_precision="fp16")
+              "(mixed precision 4/2, cosine depth schedule, look-ahead prefetch), reading experts "
+              f"from storage as an emulated {DEMO_STORAGE} would\n")
+    plan = PolicyRun("dymoe", budget, io="direct", storage_profile=DEMO_STORAGE, full_precision="fp16")
     session = open_model(bundle, policy=plan)
     try:
         console.print(DEMO_PROMPT, end="", style="bold", highlight=False)
@@ -110,7 +113,8 @@ def run_demo(console, err, model: Path | None = None, budget: str = "25%", max_n
     console.print(table)
     err.print("\n[bold]2. compare[/] LRU offloading with DyMoE at the same budget (speed and held-out "
               "perplexity)\n")
-    opts = BenchOptions(["lru", "dymoe"], [budget], base=PolicyRun("lru", full_precision="fp16"),
+    opts = BenchOptions(["lru", "dymoe"], [budget],
+                        base=PolicyRun("lru", io="direct", storage_profile=DEMO_STORAGE, full_precision="fp16"),
                         new_tokens=16, repeats=1, accuracy=heldout.is_file(),
                         data=heldout if heldout.is_file() else None, window=64, windows=2)
     opts.prompts = [DEMO_PROMPT]
