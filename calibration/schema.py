@@ -1,0 +1,201 @@
+"""``calibration.json``: what ``dymoe calibrate`` measured, the contract the runtime reads.
+
+Deterministic by construction: no timestamps or timings, every float rounded to
+``options.FLOAT_DIGITS`` significant digits, keys sorted. The reader is strict (the manifest's
+``from_dict``: unknown or missing fields are errors naming the field) and checks the file's
+sha256 against manifest.json.
+
+Conventions: layers and experts are 0-based; "share" of an expert is its fraction of the layer's
+routing assignments (tokens x k), "gate share" its fraction of the layer's gate mass; KL is in
+nats per position; a retention of 0 means every selected expert of the layer was lowered.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from dymoe.errors import BundleError
+from dymoe.manifest import Manifest, from_dict, read_verified
+
+from .options import CALIBRATION_NAME, FLOAT_DIGITS
+from .stats import round_sig
+
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class BundleRef:
+    source_fingerprint_sha256: str  # manifest.source.fingerprint_sha256 of the bundle measured
+    model_type: str
+    num_layers: int
+    num_experts: int
+    top_k: int
+
+
+@dataclass
+class DataSource:
+    name: str
+    bytes: int
+    sha256: str
+    documents: int
+
+
+@dataclass
+class Settings:
+    samples: int  # windows in the reference pass (importance, predictability)
+    sensitivity_samples: int  # of those, rerun per sensitivity variant (0: sensitivity off)
+    seq_len: int
+    seed: int
+    data: list[DataSource]
+    data_tokens: int  # tokens in the whole tokenised data
+    windows_available: int
+    reference_precision: str
+    modes: list[str]  # lower precisions measured, then "skip"
+    heavy_hitter_fraction: float
+    critical_fraction: float  # as an effective retention (rounded per token)
+    retentions: list[float]  # effective retentions measured besides 0
+    top_share_fraction: float
+    coverage_mass: float
+    percentiles: list[float]
+    recall_ks: list[int]
+    target_kl: float
+    cosine_r_max: float
+    cosine_r_min: float
+
+
+@dataclass
+class ExpertImportance:
+    expert: int
+    tokens: int  # tokens routed to the expert
+    share: float  # tokens / (layer tokens * top_k)
+    gate_mass: float  # sum of its routing weights
+    gate_share: float  # gate_mass / layer gate mass
+    weight_mean: float  # routing weight when selected (0 if never selected)
+    weight_percentiles: list[float]  # at settings.percentiles
+    heavy_hitters: int  # heavy-hitter tokens routed to it
+    output_contribution: float  # mean ||weight * expert output||_2 over its tokens
+
+
+@dataclass
+class Skew:  # of the experts' gate mass
+    gini: float
+    entropy: float  # normalised: 1 = even
+    top_share: float  # share held by the top settings.top_share_fraction of experts
+    coverage_count: int  # experts needed for settings.coverage_mass of the mass
+
+
+@dataclass
+class LayerImportance:
+    layer: int
+    tokens: int
+    heavy_hitter_tokens: int
+    skew: Skew
+    experts: list[ExpertImportance]
+
+
+@dataclass
+class SensitivityEntry:
+    layer: int
+    mode: str
+    retention: float
+    kl: float  # mean KL(P_ref || P) per position
+    nll: float
+    ppl: float
+    ppl_delta: float  # ppl - reference ppl
+
+
+@dataclass
+class Sensitivity:
+    reference_nll: float
+    reference_ppl: float
+    positions: int  # positions the KL averages over
+    scored_tokens: int  # tokens the perplexity scores
+    entries: list[SensitivityEntry]
+
+
+@dataclass
+class Prediction:
+    layer: int  # whose selection is predicted
+    distance: int  # from layer - distance
+    source: str  # "router_input" | "attn_input"
+    k: int
+    recall: float
+
+
+@dataclass
+class Schedule:
+    target_kl: float
+    layer_budget_kl: float  # target_kl / num_layers
+    recommended: dict[str, list[float]]  # mode -> r(l)
+    recommended_kl: dict[str, float]  # mode -> predicted summed KL
+    cosine: list[float]
+    cosine_kl: dict[str, float]
+
+
+@dataclass
+class Calibration:
+    schema_version: int
+    dymoe_version: str
+    bundle: BundleRef
+    settings: Settings
+    importance: list[LayerImportance]
+    sensitivity: Sensitivity | None  # None when run with sensitivity off
+    prediction: list[Prediction]
+    schedule: Schedule | None
+
+    def to_json(self) -> str:
+        return json.dumps(_rounded(dataclasses.asdict(self)), indent=1, sort_keys=True, allow_nan=False) + "\n"
+
+    def entry(self, layer: int, mode: str, retention: float) -> SensitivityEntry | None:
+        for e in self.sensitivity.entries if self.sensitivity else []:
+            if e.layer == layer and e.mode == mode and abs(e.retention - retention) < 1e-9:
+                return e
+        return None
+
+    def recall(self, layer: int, distance: int, source: str, k: int) -> float | None:
+        for p in self.prediction:
+            if (p.layer, p.distance, p.source, p.k) == (layer, distance, source, k):
+                return p.recall
+        return None
+
+
+def _rounded(obj):
+    if isinstance(obj, float):
+        return round_sig(obj, FLOAT_DIGITS)
+    if isinstance(obj, dict):
+        return {k: _rounded(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_rounded(v) for v in obj]
+    return obj
+
+
+def parse(text: str, label: str = CALIBRATION_NAME) -> Calibration:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise BundleError(f"{label} is not valid JSON ({e})", "rerun dymoe calibrate") from None
+    version = data.get("schema_version") if isinstance(data, dict) else None
+    if version != SCHEMA_VERSION:
+        raise BundleError(f"{label}: schema_version {version!r}, this dymoe reads {SCHEMA_VERSION}",
+                          "rerun dymoe calibrate with this dymoe version")
+    try:
+        return from_dict(Calibration, data)
+    except BundleError as e:  # the shared strict reader speaks of manifest.json
+        raise BundleError(e.message.replace("manifest.json", label, 1),
+                          "rerun dymoe calibrate with this dymoe version") from None
+
+
+def read_calibration(bundle: Path, manifest: Manifest) -> Calibration:
+    """The bundle's calibration, checked against the sha256 manifest.json records for it."""
+    if not manifest.calibration:
+        raise BundleError(f"bundle {bundle} has no calibration",
+                          "run: dymoe calibrate BUNDLE --data TEXT_FILE")
+    data = read_verified(bundle, manifest, manifest.calibration)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BundleError(f"{Path(bundle) / manifest.calibration} is not UTF-8", "rerun dymoe calibrate") from None
+    return parse(text, str(Path(bundle) / manifest.calibration))
