@@ -302,7 +302,7 @@ def evaluate(
     """
     from rich.progress import Progress
 
-    from dymoe.runtime.evaluate import perplexity, windows
+    from dymoe.runtime.evaluate import perplexity, top1_agreement, windows
     from dymoe.runtime.session import PolicyRun, open_model
 
     if data is None:
@@ -338,8 +338,7 @@ def evaluate(
               "nll": r.nll, "tokens": r.tokens, "windows": r.windows}
     if "reference" in results:
         ref = results["reference"]
-        same = sum(int((a == b).sum()) for a, b in zip(r.top1, ref.top1, strict=True))
-        report.update(reference_perplexity=ref.ppl, top1_agreement=same / r.tokens)
+        report.update(reference_perplexity=ref.ppl, top1_agreement=top1_agreement(r, ref))
     out.print(f"perplexity {r.ppl:.4f} over {r.tokens} tokens ({r.windows} windows, {session.label})"
               + (f"; reference {report['reference_perplexity']:.4f}, top-1 agreement {report['top1_agreement']:.3f}"
                  if "reference" in results else ""))

@@ -219,9 +219,7 @@ def read_manifest(bundle: Path) -> Manifest:
 
 def verify_file(bundle: Path, manifest: Manifest, rel: str) -> Path:
     """Check one bundle file's size and sha256 against the manifest; return its path."""
-    entry = manifest.files.get(rel)
-    if entry is None:
-        raise BundleError(f"manifest.json lists no file {rel}", "re-export the bundle")
+    entry = file_entry(manifest, rel)
     path = Path(bundle) / rel
     if not path.is_file():
         raise BundleError(f"bundle file missing: {path}", "re-export the bundle (or restore the file)")
@@ -235,22 +233,33 @@ def verify_file(bundle: Path, manifest: Manifest, rel: str) -> Path:
     return path
 
 
-def read_verified(bundle: Path, manifest: Manifest, rel: str) -> bytes:
-    """Read a bundle file once, checking its size and sha256; the bytes go straight to ORT."""
-    import hashlib
-
+def file_entry(manifest: Manifest, rel: str) -> FileEntry:
     entry = manifest.files.get(rel)
     if entry is None:
         raise BundleError(f"manifest.json lists no file {rel}", "re-export the bundle")
+    return entry
+
+
+def check_bytes(bundle: Path, manifest: Manifest, rel: str, data: bytes) -> bytes:
+    """``data`` as read from ``BUNDLE/rel``, checked against the manifest's size and sha256."""
+    import hashlib
+
+    entry = file_entry(manifest, rel)
+    if len(data) != entry.bytes or hashlib.sha256(data).hexdigest() != entry.sha256:
+        raise ChecksumError(
+            f"checksum mismatch: {Path(bundle) / rel} does not match manifest.json "
+            f"({len(data)} bytes, expected {entry.bytes})",
+            "the file was changed or damaged; re-export the bundle",
+        )
+    return data
+
+
+def read_verified(bundle: Path, manifest: Manifest, rel: str) -> bytes:
+    """Read a bundle file once, checking its size and sha256; the bytes go straight to ORT."""
+    file_entry(manifest, rel)
     path = Path(bundle) / rel
     try:
         data = path.read_bytes()
     except FileNotFoundError:
         raise BundleError(f"bundle file missing: {path}", "re-export the bundle (or restore the file)") from None
-    if len(data) != entry.bytes or hashlib.sha256(data).hexdigest() != entry.sha256:
-        raise ChecksumError(
-            f"checksum mismatch: {path} does not match manifest.json "
-            f"({len(data)} bytes, expected {entry.bytes})",
-            "the file was changed or damaged; re-export the bundle",
-        )
-    return data
+    return check_bytes(bundle, manifest, rel, data)

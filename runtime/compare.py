@@ -8,7 +8,7 @@ import statistics
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .evaluate import perplexity
+from .evaluate import perplexity, top1_agreement
 from .session import ModelSession, PolicyRun, open_model
 
 SPEED_KEYS = ("ttft_s", "tpot_s", "stall_per_token_s", "bytes_read_per_token", "hit_rate", "prefetch_recall",
@@ -81,8 +81,7 @@ def accuracy(bundle: Path, policies: list[str], base: PolicyRun, ids: list[int],
         finally:
             s.close()
         ppl[p] = r.ppl
-        same = sum(int((a == b).sum()) for a, b in zip(r.top1, reference.top1, strict=True))
-        agree[p] = same / r.tokens
+        agree[p] = top1_agreement(r, reference)
         if on_run:
             on_run(p)
     return ppl, agree

@@ -56,9 +56,9 @@ def measure_here(bundle_path: Path, samples: int = SAMPLES) -> dict[str, int]:
 def _cache_file(bundle_path: Path) -> Path:
     from dymoe.manifest import read_manifest
 
-    fp = read_manifest(bundle_path).source.fingerprint_sha256[:16]
+    m = read_manifest(bundle_path)
     base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dymoe" / "costs"
-    return base / f"{fp}-{'-'.join(read_manifest(bundle_path).quantization.precisions)}.json"
+    return base / f"{m.source.fingerprint_sha256[:16]}-{'-'.join(m.quantization.precisions)}.json"
 
 
 def resident_costs(bundle_path: Path) -> dict[str, int]:

@@ -28,6 +28,12 @@ class Perplexity:
         return float(np.exp(self.nll))
 
 
+def top1_agreement(run: Perplexity, reference: Perplexity) -> float:
+    """Share of scored positions where ``run`` and ``reference`` predict the same next token."""
+    same = sum(int((a == b).sum()) for a, b in zip(run.top1, reference.top1, strict=True))
+    return same / run.tokens
+
+
 def windows(ids: list[int], window: int, max_windows: int | None = None) -> list[list[int]]:
     if window < 2:
         raise InputError(f"window {window} is too short", "use a window of at least 2 tokens")

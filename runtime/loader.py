@@ -10,7 +10,8 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
-from dymoe.errors import BundleError, ChecksumError
+from dymoe.errors import BundleError
+from dymoe.manifest import check_bytes, file_entry
 
 from .bundle import Bundle
 from .engine_cache import CACHED_PRECISIONS, EngineCache
@@ -51,9 +52,7 @@ class Loader:
     def load(self, layer: int, expert: int, precision: str) -> Loaded:
         """Read, verify and build one expert engine in the calling thread."""
         rel = self.bundle.expert_rel(layer, expert, precision)
-        entry = self.bundle.manifest.files.get(rel)
-        if entry is None:
-            raise BundleError(f"manifest.json lists no file {rel}", "re-export the bundle")
+        entry = file_entry(self.bundle.manifest, rel)
         path = self.bundle.path / rel
         cache = self.engine_cache if precision in CACHED_PRECISIONS and not self.session_config else None
         hit = cache.lookup(entry.sha256, path) if cache and path.is_file() else None
@@ -69,9 +68,7 @@ class Loader:
             result = self.storage.read(path)
         except FileNotFoundError:
             raise BundleError(f"bundle file missing: {path}", "re-export the bundle (or restore the file)") from None
-        if len(result.data) != entry.bytes or hashlib.sha256(result.data).hexdigest() != entry.sha256:
-            raise ChecksumError(f"checksum mismatch: {path} does not match manifest.json",
-                                "the file was changed or damaged; re-export the bundle")
+        check_bytes(self.bundle.path, self.bundle.manifest, rel, result.data)
         t = time.perf_counter()
         temp = cache.temp_path(entry.sha256) if cache else None
         session = create_session(result.data, 1, str(path), self.session_config,

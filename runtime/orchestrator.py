@@ -124,13 +124,14 @@ class Orchestrator:
                 kept &= step.experts != e
         if self.config.renormalize and not kept.all():
             weights = renormalise(weights, kept)
+        protect = {(step.layer, e) for e in wanted}  # this layer's experts stay while it runs
         for e in sorted(wanted):
             p = wanted[e]
             self.c.mix[step.layer][p] += 1
             if p == SKIP:
                 self.c.skipped += 1
                 continue
-            session = self._acquire((step.layer, e), p, decode, protect={(step.layer, o) for o in wanted})
+            session = self._acquire((step.layer, e), p, decode, protect)
             tok, slot = np.nonzero(step.experts == e)
             y = session.run([io.EXPERT_OUT], {io.EXPERT_IN: x[tok]})[0]
             out[tok] += weights[tok, slot][:, None] * y
@@ -187,6 +188,7 @@ class Orchestrator:
     # --- effects ------------------------------------------------------------------------
 
     def _prefetch(self, step: LayerStep) -> None:
+        current = set(self._keys(step.layer, np.unique(step.experts)))
         for ahead in range(1, self.config.prefetch + 1):
             target = step.layer + ahead
             if target >= self.spec.num_layers:
@@ -194,7 +196,7 @@ class Orchestrator:
             wants = self._predict(step, target)
             if ahead == 1:
                 self.predicted[target] = set(wants)
-            protect = {(step.layer, int(e)) for e in np.unique(step.experts)}
+            protect = current | set(self._keys(target, wants))
             for e, p in wants.items():
                 if p == SKIP:
                     continue
@@ -202,7 +204,7 @@ class Orchestrator:
                 resident = self.cache.entries.get(key)
                 if classify(resident, p) == HIT or key in self.pending:
                     continue
-                self._start_load(key, p, prefetch=True, protect=protect | set(self._keys(target, wants)))
+                self._start_load(key, p, prefetch=True, protect=protect)
 
     @staticmethod
     def _keys(layer: int, experts) -> list[Key]:

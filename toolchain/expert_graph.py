@@ -37,6 +37,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from .onnx_build import IR_VERSION, OPSET
 from .quantize import QuantizedMatrix, dequantize, pack_codes, quantize_rtn
 
 PRECISIONS = ("fp32", "fp16", "int8", "int4", "int2")  # ladder order, highest first
@@ -44,9 +45,7 @@ BITS = {"int8": 8, "int4": 4, "int2": 2}
 DEFAULT_FORMAT = {"int8": "qdq", "int4": "qdq", "int2": "nbits"}
 FORMATS = ("qdq", "nbits")
 
-OPSET = 21  # blocked DequantizeLinear and UINT4 need opset >= 21
 MS_DOMAIN = "com.microsoft"
-IR_VERSION = 10  # opset 21 needs IR >= 10; ORT 1.32 loads it
 
 _PROJS = ("gate", "up", "down")
 
