@@ -25,8 +25,9 @@ Precisions and the ONNX encoding of each projection weight:
 * ``int2`` (default format ``"nbits"``): ORT contrib op ``com.microsoft::MatMulNBits``.
   ``int8``/``int4`` can use it too with ``fmt="nbits"``.
 
-The quantization itself is :func:`dymoe.toolchain.quantize.quantize_rtn`; the graph
-computes exactly ``x @ dequantize(qm)`` up to float summation order.
+The codes, scales and zero points come from :mod:`dymoe.toolchain.quantizers` (RTN when none are
+given); whichever quantizer made them, the graph computes exactly ``x @ dequantize(qm)`` up to float
+summation order.
 """
 
 from __future__ import annotations
@@ -178,7 +179,7 @@ def _nbits_matmul(proj: str, qm: QuantizedMatrix, a: str, out: str, accuracy_lev
 
 
 def _projection(proj: str, w_torch: np.ndarray, precision: str, fmt: str | None,
-                block_size: int, a: str, out: str, accuracy_level: int):
+                block_size: int, a: str, out: str, accuracy_level: int, qm: QuantizedMatrix | None = None):
     """Encode one projection ``out = a @ w_torch.T``.
 
     Returns ``(initializers, nodes, W_eff [K, N] float32)``; ``W_eff`` is what the graph
@@ -197,7 +198,11 @@ def _projection(proj: str, w_torch: np.ndarray, precision: str, fmt: str | None,
                                 to=TensorProto.FLOAT)
         node = helper.make_node("MatMul", [a, f"{proj}_w_f32"], [out], name=mm)
         return [init], [cast, node], w16.astype(np.float32)
-    qm = quantize_rtn(w_kn, BITS[precision], block_size)
+    if qm is None:
+        qm = quantize_rtn(w_kn, BITS[precision], block_size)
+    elif (qm.K, qm.N, qm.bits, qm.block_size) != (*w_kn.shape, BITS[precision], block_size):
+        raise ValueError(f"{proj}: quantized matrix is {qm.bits}-bit {qm.K}x{qm.N} block {qm.block_size}, "
+                         f"expected {BITS[precision]}-bit {w_kn.shape[0]}x{w_kn.shape[1]} block {block_size}")
     if fmt == "qdq":
         inits, dq = _qdq_weight(proj, qm, f"{proj}_w_dq")
         nodes = [dq, helper.make_node("MatMul", [a, f"{proj}_w_dq"], [out], name=mm)]
@@ -209,13 +214,16 @@ def _projection(proj: str, w_torch: np.ndarray, precision: str, fmt: str | None,
 
 def build_expert_model(gate: np.ndarray, up: np.ndarray, down: np.ndarray, precision: str,
                        block_size: int, name: str = "expert", *, fmt: str | None = None,
-                       accuracy_level: int = 4) -> tuple[onnx.ModelProto, ExpertQuantStats]:
+                       accuracy_level: int = 4, quantized: dict[str, QuantizedMatrix] | None = None,
+                       ) -> tuple[onnx.ModelProto, ExpertQuantStats]:
     """Build the ONNX model ``x [T, H] -> y [T, H]`` of one expert at ``precision``.
 
     ``fmt`` picks the encoding of int8/int4 (``"qdq"`` default, or ``"nbits"``); int2 is
     always ``"nbits"``.  ``accuracy_level`` is the MatMulNBits attribute (4 = int8
     activations compute on CPU, 0 = omit the attribute, i.e. float compute); it only
-    matters for the nbits format.  ``block_size`` is ignored for fp32/fp16.
+    matters for the nbits format.  ``block_size`` is ignored for fp32/fp16.  ``quantized`` gives
+    the ``[K, N]`` codes of ``"gate"``, ``"up"`` and ``"down"`` made by another quantizer (RTN if
+    omitted); it must match ``precision`` and ``block_size``.
     """
     fmt = _check_precision(precision, fmt)
     H, I = _check_shapes(gate, up, down)
@@ -229,7 +237,8 @@ def build_expert_model(gate: np.ndarray, up: np.ndarray, down: np.ndarray, preci
     err2 = ref2 = 0.0
     for proj, w, a, out in (("gate", gate, "x", "gate"), ("up", up, "x", "up"),
                             ("down", down, "h", "y")):
-        i, n, w_eff = _projection(proj, w, precision, fmt, block_size, a, out, accuracy_level)
+        i, n, w_eff = _projection(proj, w, precision, fmt, block_size, a, out, accuracy_level,
+                                  (quantized or {}).get(proj))
         inits += i
         proj_nodes[proj] = n
         w_kn = np.asarray(w, dtype=np.float32).T
