@@ -8,7 +8,9 @@ Recorded per layer l and expert e over every prefilled token:
 * ``tokens``: tokens that selected e; ``gate_mass``: the sum of their routing weights for e;
 * ``weights``: every routing weight e received (for the mean and percentiles);
 * ``heavy``: heavy-hitter tokens (``stats.heavy_hitters`` of the layer's ``attn_colsum``) that selected e;
-* ``contribution``: the sum of ||weight * expert(x)||_2 over the tokens that selected e.
+* ``contribution``: the sum of ||weight * expert(x)||_2 over the tokens that selected e;
+* with a recorder (``--collect-inputs``): the rows x of the prefilled tokens that selected e, the
+  expert's input (``inputs.InputRecorder`` keeps a bounded sample).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import numpy as np
 from dymoe.runtime.experts import LayerStep
 
 from .bank import ExpertBank
+from .inputs import InputRecorder
 from .predict import PredictionTally
 from .stats import heavy_hitters
 
@@ -63,12 +66,13 @@ class ReferenceCache:
 
 class CollectingExperts:
     def __init__(self, bank: ExpertBank, heavy_hitter_fraction: float, prediction: PredictionTally,
-                 cache: ReferenceCache) -> None:
+                 cache: ReferenceCache, recorder: InputRecorder | None = None) -> None:
         spec = bank.bundle.spec
         self.bank = bank
         self.fraction = heavy_hitter_fraction
         self.prediction = prediction
         self.cache = cache
+        self.recorder = recorder
         self.window = -1  # set by the caller before each window's forward pass
         self.layers = [LayerTally(spec.num_experts) for _ in range(spec.num_layers)]
 
@@ -93,6 +97,8 @@ class CollectingExperts:
             tally.weights[e].append(w.copy())
             tally.heavy[e] += int(heavy[tok].sum())
             tally.contribution[e] += float(np.linalg.norm(y.astype(np.float64), axis=-1).sum())
+            if self.recorder is not None and step.phase == "prefill":  # each window is one prefill; never decode
+                self.recorder.add(step.layer, e, x[tok])
         self.prediction.observe(step)
         self.cache.put(self.window, step, out)
         return out

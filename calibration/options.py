@@ -15,6 +15,7 @@ from dymoe.errors import InputError
 
 CALIBRATION_NAME = "calibration.json"  # written into the bundle, listed in manifest.json
 REPORT_DIRNAME = "calibration-report"  # default report folder, inside the bundle folder
+INPUTS_DIRNAME = "calibration-inputs"  # --collect-inputs: one safetensors file per layer, listed in manifest.json
 
 SAMPLES = 64  # token windows drawn from the data: importance and predictability (one pass)
 SENSITIVITY_SAMPLES = 16  # the first of those drawn: each sensitivity variant runs over them again
@@ -42,6 +43,11 @@ TARGET_KL = 0.05
 COSINE_R_MAX = 1.0
 COSINE_R_MIN = 0.5
 FLOAT_DIGITS = 6  # significant digits of every float in calibration.json
+# --collect-inputs: at most this many routed hidden states (rows) kept per (layer, expert), drawn
+# uniformly from all the expert received (reservoir sampling), for GPTQ's Hessian X^T X. GPTQ wants
+# a few times the expert's hidden size in rows; memory and disk are layers x experts x N x hidden x 2 bytes
+# (fp16), e.g. 7 x 16 x 1024 x 192 x 2 = 42 MiB for the demo model.
+INPUTS_PER_EXPERT = 1024
 
 
 @dataclass(frozen=True)
@@ -60,6 +66,8 @@ class CalibrationOptions:
     cosine_r_max: float = COSINE_R_MAX
     cosine_r_min: float = COSINE_R_MIN
     sensitivity: bool = True  # False: importance and predictability only (one pass)
+    collect_inputs: bool = False  # keep each expert's routed inputs (calibration-inputs/) for GPTQ
+    inputs_per_expert: int = INPUTS_PER_EXPERT
 
     def validate(self) -> CalibrationOptions:
         if self.samples < 1:
@@ -68,6 +76,9 @@ class CalibrationOptions:
             raise InputError(f"--sensitivity-samples {self.sensitivity_samples} must be at least 1")
         if self.seq_len < 2:
             raise InputError(f"--seq-len {self.seq_len} must be at least 2 (one token predicts the next)")
+        if self.inputs_per_expert < 1:
+            raise InputError(f"--inputs-per-expert {self.inputs_per_expert} must be at least 1",
+                             f"use the default of {INPUTS_PER_EXPERT}, or leave out --collect-inputs")
         fractions = {"heavy-hitter fraction": self.heavy_hitter_fraction,
                      "critical fraction": self.critical_fraction, "top-share fraction": self.top_share_fraction,
                      "coverage mass": self.coverage_mass, "cosine r_max": self.cosine_r_max,

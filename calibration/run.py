@@ -3,9 +3,11 @@
 :func:`measure` runs everything with ONNX Runtime (no torch) and writes nothing: the data are
 loaded and checked first, then one reference pass over the sampled windows at the bundle's highest
 precision records importance and predictability, then one pass per (layer, lower precision or
-skip, retention) measures sensitivity against the reference. :func:`commit` then writes
-``calibration.json`` atomically and rewrites ``manifest.json`` (atomically) to list it with its
-sha256, so an interrupted or failed measurement leaves the bundle as it was.
+skip, retention) measures sensitivity against the reference; with ``collect_inputs`` the reference
+pass also keeps a sample of each expert's routed inputs (``inputs``), encoded in memory. :func:`commit`
+then writes those files and ``calibration.json`` atomically and rewrites ``manifest.json``
+(atomically) to list them with their sha256, so an interrupted or failed measurement leaves the
+bundle as it was.
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 import dymoe
 from dymoe.errors import BundleError, InputError
-from dymoe.fsutil import atomic_write_text
-from dymoe.manifest import FileEntry, read_manifest
+from dymoe.fsutil import atomic_write_bytes, atomic_write_text
+from dymoe.manifest import FileEntry, Manifest, read_manifest
 from dymoe.runtime.bundle import Bundle
 from dymoe.runtime.model import MoEModel
 from dymoe.runtime.tokenizer import TextTokenizer
@@ -35,7 +37,8 @@ from . import data as data_mod
 from . import schedule as sched
 from .bank import ExpertBank
 from .collect import CollectingExperts, ReferenceCache
-from .options import CALIBRATION_NAME, CalibrationOptions
+from .inputs import InputRecorder, available_memory, require_memory
+from .options import CALIBRATION_NAME, INPUTS_DIRNAME, CalibrationOptions
 from .predict import PredictionTally, read_routers
 from .schema import (
     SCHEMA_VERSION,
@@ -60,6 +63,8 @@ class Measured:
     calibration: Calibration
     seconds: dict[str, float]  # wall time per phase (never written into calibration.json)
     notes: list[str] = field(default_factory=list)  # warnings worth showing the user
+    # collect_inputs: bundle-relative path -> bytes of each layer's input file (calibration.expert_inputs)
+    inputs: dict[str, bytes] = field(default_factory=dict)
 
     @property
     def total_s(self) -> float:
@@ -123,6 +128,9 @@ def measure(bundle_path: Path, data_paths: Sequence[Path], options: CalibrationO
     if options.seq_len > spec.max_position_embeddings:
         raise InputError(f"--seq-len {options.seq_len} exceeds the model's context of {spec.max_position_embeddings}",
                          f"use --seq-len {spec.max_position_embeddings} or less")
+    if options.collect_inputs:  # before anything slow: the bound is known from the options alone
+        require_memory(spec.num_layers, spec.num_experts, spec.hidden_size, options.inputs_per_expert,
+                       available_memory())
     files = data_mod.load(data_paths)
     tokenizer = TextTokenizer(bundle.tokenizer_path())
     eos = spec.eos_token_ids[0] if spec.eos_token_ids else None
@@ -153,7 +161,9 @@ def measure(bundle_path: Path, data_paths: Sequence[Path], options: CalibrationO
         bar.update(task, description="reference pass", total=len(windows) + len(rerun) * len(todo), completed=0)
         tally = PredictionTally(routers, recall_ks(k, spec.num_experts))
         cache = ReferenceCache(set(rerun))
-        collector = CollectingExperts(bank, options.heavy_hitter_fraction, tally, cache)
+        recorder = InputRecorder(spec.num_layers, spec.num_experts, spec.hidden_size, options.inputs_per_expert,
+                                 options.seed) if options.collect_inputs else None
+        collector = CollectingExperts(bank, options.heavy_hitter_fraction, tally, cache, recorder)
         switch.current = collector
         reference: dict[int, Reference] = {}
         for i, w in enumerate(windows):
@@ -162,6 +172,7 @@ def measure(bundle_path: Path, data_paths: Sequence[Path], options: CalibrationO
             if i in cache.windows:
                 reference[i] = Reference.of(logits, w)
             bar.advance(task)
+        inputs, expert_inputs = recorder.encode() if recorder is not None else ({}, None)
         seconds["reference"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -207,8 +218,8 @@ def measure(bundle_path: Path, data_paths: Sequence[Path], options: CalibrationO
                          spec.num_experts, k),
         settings=settings, importance=_importance(collector, k, options), sensitivity=sensitivity,
         prediction=[Prediction(key.layer, key.distance, key.source, key.k, r) for key, r in tally.recalls().items()],
-        schedule=schedule)
-    return Measured(calibration, seconds, notes)
+        schedule=schedule, expert_inputs=expert_inputs)
+    return Measured(calibration, seconds, notes, inputs)
 
 
 def _importance(collector: CollectingExperts, k: int, options: CalibrationOptions) -> list[LayerImportance]:
@@ -265,7 +276,7 @@ def _schedule(sensitivity: Sensitivity, modes: list[str], grid: list[float], num
 
 @contextlib.contextmanager
 def _deferred_interrupt():
-    """Hold Ctrl-C while the two files are swapped in, so they are not left out of step."""
+    """Hold Ctrl-C while the files are swapped in, so they are not left out of step."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -279,18 +290,41 @@ def _deferred_interrupt():
         raise KeyboardInterrupt
 
 
-def commit(bundle_path: Path, calibration: Calibration) -> Path:
-    """Write ``calibration.json`` into the bundle and list it (bytes + sha256) in manifest.json."""
+def commit(bundle_path: Path, measured: Measured | Calibration) -> Path:
+    """Write ``calibration.json`` (and the collected input files, first) into the bundle and list
+    them (bytes + sha256) in manifest.json. Input files of an earlier calibration that this one does
+    not list are dropped from the manifest, then deleted, so the manifest never names a missing file."""
     bundle_path = Path(bundle_path)
+    calibration, inputs = (measured.calibration, measured.inputs) if isinstance(measured, Measured) else (measured, {})
+    if sorted(calibration.expert_inputs.files if calibration.expert_inputs else []) != sorted(inputs):
+        raise ValueError("calibration.expert_inputs and the input files to write disagree (commit the Measured)")
     manifest = read_manifest(bundle_path)  # fresh: another tool may have rewritten it meanwhile
     if manifest.source.fingerprint_sha256 != calibration.bundle.source_fingerprint_sha256:
         raise BundleError(f"{bundle_path} was re-exported from other weights while calibration ran",
                           "rerun dymoe calibrate")
     text = calibration.to_json()
     with _deferred_interrupt():
+        for rel, data in inputs.items():
+            manifest.files[rel] = FileEntry(bytes=len(data), sha256=atomic_write_bytes(bundle_path / rel, data))
+        stale = _stale_inputs(bundle_path, manifest, set(inputs))
+        for rel in stale:
+            manifest.files.pop(rel, None)
         sha = atomic_write_text(bundle_path / CALIBRATION_NAME, text)
         manifest.files[CALIBRATION_NAME] = FileEntry(bytes=len(text.encode("utf-8")), sha256=sha)
         manifest.files = dict(sorted(manifest.files.items()))
         manifest.calibration = CALIBRATION_NAME
         manifest.write(bundle_path)
+        for rel in stale:
+            (bundle_path / rel).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # only when empty
+            (bundle_path / INPUTS_DIRNAME).rmdir()
     return bundle_path / CALIBRATION_NAME
+
+
+def _stale_inputs(bundle_path: Path, manifest: Manifest, keep: set[str]) -> list[str]:
+    """Input files listed in the manifest or lying in the inputs folder (left by a crash between the
+    manifest write and the deletion) that ``keep`` does not hold."""
+    folder = bundle_path / INPUTS_DIRNAME
+    listed = {rel for rel in manifest.files if rel.startswith(f"{INPUTS_DIRNAME}/")}
+    on_disk = {f"{INPUTS_DIRNAME}/{p.name}" for p in folder.iterdir() if p.is_file()} if folder.is_dir() else set()
+    return sorted((listed | on_disk) - keep)

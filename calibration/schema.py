@@ -136,6 +136,18 @@ class Schedule:
 
 
 @dataclass
+class ExpertInputs:
+    """Where ``--collect-inputs`` put each expert's routed inputs (read with ``calibration.inputs``)."""
+
+    cap: int  # at most this many rows kept per (layer, expert), drawn by reservoir sampling
+    seed: int  # of the reservoir draws (settings.seed)
+    dtype: str  # of the stored rows: "F16"
+    files: list[str]  # per layer, the bundle-relative safetensors file (listed in manifest.json)
+    seen: list[list[int]]  # [layer][expert] rows offered: the tokens routed to the expert
+    kept: list[list[int]]  # [layer][expert] rows stored: min(seen, cap)
+
+
+@dataclass
 class Calibration:
     schema_version: int
     dymoe_version: str
@@ -145,6 +157,7 @@ class Calibration:
     sensitivity: Sensitivity | None  # None when run with sensitivity off
     prediction: list[Prediction]
     schedule: Schedule | None
+    expert_inputs: ExpertInputs | None = None  # None unless run with --collect-inputs
 
     def to_json(self) -> str:
         return json.dumps(_rounded(dataclasses.asdict(self)), indent=1, sort_keys=True, allow_nan=False) + "\n"

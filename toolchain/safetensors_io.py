@@ -151,35 +151,47 @@ def write_safetensors(path: Path, tensors: dict[str, np.ndarray], dtype: str = "
 
     Streams tensor by tensor, so a multi-GB synthetic checkpoint never sits in memory twice.
     """
-    header: dict[str, dict] = {}
-    offset = 0
-    width = _DTYPES[dtype][1]
-    for name, t in tensors.items():
-        nbytes = int(np.prod(t.shape)) * width
-        header[name] = {"dtype": dtype, "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
     tmp = Path(str(path) + ".tmp")
     with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
+        f.write(_header(tensors, dtype))
         for t in tensors.values():
             f.write(_encode(np.asarray(t), dtype))
     os.replace(tmp, path)
 
 
-def _encode(t: np.ndarray, dtype: str) -> bytes:
+def encode_safetensors(tensors: dict[str, np.ndarray], dtype: str = "F32") -> bytes:
+    """The bytes of a safetensors file holding ``tensors`` (as F32, F16 or BF16), tensors in the
+    order given: for files a caller writes atomically and checksums itself."""
+    # one copy of the data: the header and each tensor's own buffer are joined once
+    return b"".join([_header(tensors, dtype), *(_encode(np.asarray(t), dtype) for t in tensors.values())])
+
+
+def _header(tensors: dict[str, np.ndarray], dtype: str) -> bytes:
+    """The 8-byte header length and the JSON header, padded so the data start 8-byte aligned."""
+    header: dict[str, dict] = {}
+    offset = 0
+    width = _DTYPES[dtype][1]
+    for name, t in tensors.items():
+        nbytes = int(np.prod(np.shape(t))) * width
+        header[name] = {"dtype": dtype, "shape": list(np.shape(t)), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    return struct.pack("<Q", len(blob)) + blob
+
+
+def _encode(t: np.ndarray, dtype: str) -> np.ndarray:
+    """``t``'s little-endian bytes in ``dtype``, as a flat uint8 array (no copy when ``t`` already is)."""
     if dtype == "F32":
-        return np.ascontiguousarray(t, dtype="<f4").tobytes()
+        return np.ascontiguousarray(t, dtype="<f4").reshape(-1).view(np.uint8)
     if dtype == "F16":
-        return np.ascontiguousarray(t, dtype="<f2").tobytes()
+        return np.ascontiguousarray(t, dtype="<f2").reshape(-1).view(np.uint8)
     # bf16: round to nearest even on the dropped 16 bits; NaN stays a (quiet) NaN, as in torch
     f = np.ascontiguousarray(t, dtype="<f4")
     u = f.view(np.uint32).astype(np.uint64)
     u = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
     u = np.where(np.isnan(f), (f.view(np.uint32) >> 16) | 0x0040, u)
-    return u.astype("<u2").tobytes()
+    return u.astype("<u2").reshape(-1).view(np.uint8)
 
 
 def _is_count(x: object) -> bool:

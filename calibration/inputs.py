@@ -1,0 +1,199 @@
+"""Each expert's routed inputs, kept by ``dymoe calibrate --collect-inputs`` for a quantizer that
+needs data (GPTQ builds its Hessian from them): the recorder, the file format and the reader.
+
+An expert's input is the layer's post-attention normalised hidden state (``LayerStep.router_input``)
+of each token routed to it. Per (layer l, expert e) at most ``cap`` rows are kept, a uniform sample
+of every row offered (reservoir sampling, Algorithm R), so the sample does not depend on where in
+the data a token stood and memory is bounded by :func:`memory_bound` whatever the data size.
+
+On disk: one safetensors file per layer, ``calibration-inputs/layer_LLL.safetensors``, holding
+``expert_EEE`` as F16 ``[kept, H]`` for every expert that kept at least one row (rows in slot order),
+each file listed (bytes + sha256) in manifest.json and in ``calibration.json``'s ``expert_inputs``.
+
+Dimensions: L layers, E experts per layer, H hidden size, T rows offered in one call.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from dymoe.errors import BundleError, InputError
+from dymoe.manifest import Manifest, verify_file
+from dymoe.toolchain.safetensors_io import SafetensorsFile, encode_safetensors
+
+from .options import INPUTS_DIRNAME
+from .schema import Calibration, ExpertInputs
+
+DTYPE = "F16"  # half the bytes of fp32; 11 significant bits are plenty for a Hessian estimate
+_FIRST_ROWS = 64  # first buffer size of an expert; grown by doubling up to the cap
+
+
+def layer_file(layer: int) -> str:
+    return f"{INPUTS_DIRNAME}/layer_{layer:03d}.safetensors"
+
+
+def tensor_name(expert: int) -> str:
+    return f"expert_{expert:03d}"
+
+
+def memory_bound(num_layers: int, num_experts: int, hidden: int, cap: int) -> int:
+    """Bytes the recorder holds at most (every expert reaching the cap), and the files' size."""
+    return num_layers * num_experts * cap * hidden * 2
+
+
+def available_memory() -> int | None:
+    """Bytes the OS can hand out now without swapping, or None where that cannot be told."""
+    try:
+        import psutil  # installed with the dev extras only, hence the fallback
+    except ImportError:
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except (OSError, ValueError, IndexError):
+            pass
+        return None
+    return int(psutil.virtual_memory().available)
+
+
+def require_memory(num_layers: int, num_experts: int, hidden: int, cap: int, available: int | None) -> None:
+    """Refuse a collection whose bound exceeds half of the available memory: the recorder's
+    buffers and then the encoded files are held at once, beside the model."""
+    bound = memory_bound(num_layers, num_experts, hidden, cap)
+    if available is None or bound <= available // 2:
+        return
+    fits = (available // 2) // memory_bound(num_layers, num_experts, hidden, 1)
+    hint = (f"use --inputs-per-expert {fits} or less" if fits >= 1
+            else "free memory, or calibrate without --collect-inputs")
+    raise InputError(f"--collect-inputs may hold {bound / 2**30:.2f} GiB ({num_layers} layers x {num_experts} "
+                     f"experts x {cap} rows x {hidden} x 2 bytes), more than half of the "
+                     f"{available / 2**30:.2f} GiB of memory available", hint)
+
+
+class InputRecorder:
+    """Keeps at most ``cap`` rows per (layer, expert) out of all rows offered by :meth:`add`,
+    each offered row equally likely to be kept; deterministic given ``seed`` and the calls."""
+
+    def __init__(self, num_layers: int, num_experts: int, hidden: int, cap: int, seed: int) -> None:
+        if cap < 1:
+            raise ValueError(f"cap {cap} must be at least 1")
+        self.hidden = hidden
+        self.cap = cap
+        self.seed = seed
+        self.seen = [[0] * num_experts for _ in range(num_layers)]
+        # grown on demand: most experts of a short run never reach the cap
+        self._rows: list[list[np.ndarray | None]] = [[None] * num_experts for _ in range(num_layers)]
+        self._rngs: dict[tuple[int, int], np.random.Generator] = {}
+
+    @property
+    def kept(self) -> list[list[int]]:
+        return [[min(n, self.cap) for n in layer] for layer in self.seen]
+
+    def rows(self, layer: int, expert: int) -> np.ndarray:
+        """The kept rows, float16 ``[kept, H]`` (a view; slot order, not arrival order, once full)."""
+        kept = min(self.seen[layer][expert], self.cap)
+        buf = self._rows[layer][expert]
+        return buf[:kept] if buf is not None else np.zeros((0, self.hidden), dtype=np.float16)
+
+    def add(self, layer: int, expert: int, rows: np.ndarray) -> None:
+        """Offer ``rows`` ``[T, H]`` (float32), in token order, as the next rows of (layer, expert)."""
+        T = rows.shape[0]
+        if T == 0:
+            return
+        if rows.shape[1:] != (self.hidden,):
+            raise ValueError(f"rows of shape {rows.shape} offered to a recorder of hidden size {self.hidden}")
+        n = self.seen[layer][expert]
+        self.seen[layer][expert] = n + T
+        fill = max(0, min(T, self.cap - n))  # the first rows go to free slots, in order
+        if fill:
+            buf = self._reserve(layer, expert, n + fill)
+            buf[n:n + fill] = rows[:fill]
+        if fill == T:
+            return
+        # Algorithm R: the row of 0-based index i >= cap replaces slot j ~ U{0, ..., i} when j < cap
+        index = np.arange(n + fill, n + T)
+        j = self._rng(layer, expert).integers(0, index + 1)
+        hit = np.nonzero(j < self.cap)[0]
+        if hit.size:
+            # a slot drawn twice in this call ends with the later row, as one row at a time would
+            slots, first = np.unique(j[hit][::-1], return_index=True)
+            self._rows[layer][expert][slots] = rows[fill + hit[::-1][first]]
+
+    def _reserve(self, layer: int, expert: int, size: int) -> np.ndarray:
+        buf = self._rows[layer][expert]
+        have = 0 if buf is None else buf.shape[0]
+        if size > have:
+            grown = np.empty((min(self.cap, max(size, 2 * have, _FIRST_ROWS)), self.hidden), dtype=np.float16)
+            if buf is not None:
+                grown[:have] = buf
+            self._rows[layer][expert] = buf = grown
+        return buf
+
+    def _rng(self, layer: int, expert: int) -> np.random.Generator:
+        # one stream per (layer, expert): its draws do not depend on how other experts were routed
+        rng = self._rngs.get((layer, expert))
+        if rng is None:
+            rng = self._rngs[(layer, expert)] = np.random.default_rng([self.seed, layer, expert])
+        return rng
+
+    def encode(self) -> tuple[dict[str, bytes], ExpertInputs]:
+        """The layer files (bundle-relative path -> bytes) and their record for calibration.json.
+        Each layer's buffers are released once encoded, so the recorder is spent afterwards."""
+        files: dict[str, bytes] = {}
+        kept = self.kept
+        for layer, experts in enumerate(self._rows):
+            tensors = {tensor_name(e): self.rows(layer, e) for e in range(len(experts)) if kept[layer][e]}
+            files[layer_file(layer)] = encode_safetensors(tensors, DTYPE)
+            self._rows[layer] = [None] * len(experts)
+        record = ExpertInputs(cap=self.cap, seed=self.seed, dtype=DTYPE, files=list(files),
+                              seen=[list(s) for s in self.seen], kept=kept)
+        return files, record
+
+
+class ExpertInputsReader:
+    """Reads the rows :class:`InputRecorder` kept, checking each layer file against manifest.json
+    the first time it is opened."""
+
+    def __init__(self, bundle: Path, manifest: Manifest, inputs: ExpertInputs) -> None:
+        self.bundle = Path(bundle)
+        self.manifest = manifest
+        self.inputs = inputs
+        self.hidden = manifest.model.hidden_size
+        self._open: dict[int, SafetensorsFile] = {}
+
+    def seen(self, layer: int, expert: int) -> int:
+        """Rows (routed tokens) the expert was offered during calibration; ``rows`` holds at most cap."""
+        return self.inputs.seen[layer][expert]
+
+    def rows(self, layer: int, expert: int) -> np.ndarray:
+        """The expert's kept routed inputs as float32 ``[n, H]``; n = min(seen, cap), maybe 0."""
+        kept = self.inputs.kept[layer][expert]
+        f = self._file(layer)
+        if kept == 0:
+            return np.zeros((0, self.hidden), dtype=np.float32)
+        return f.read(tensor_name(expert))
+
+    def _file(self, layer: int) -> SafetensorsFile:
+        f = self._open.get(layer)
+        if f is None:
+            if not 0 <= layer < len(self.inputs.files):
+                raise IndexError(f"layer {layer} out of range: the inputs cover {len(self.inputs.files)} layers")
+            rel = self.inputs.files[layer]
+            f = SafetensorsFile(verify_file(self.bundle, self.manifest, rel))
+            want = {tensor_name(e): (n, self.hidden) for e, n in enumerate(self.inputs.kept[layer]) if n}
+            if {name: t.shape for name, t in f.tensors.items()} != want:
+                raise BundleError(f"{self.bundle / rel} does not hold the rows calibration.json records",
+                                  "rerun: dymoe calibrate BUNDLE --data TEXT --collect-inputs")
+            self._open[layer] = f
+        return f
+
+
+def load_expert_inputs(bundle: Path, manifest: Manifest, calibration: Calibration) -> ExpertInputsReader:
+    """The reader of ``calibration``'s collected expert inputs (BundleError when it has none)."""
+    if calibration.expert_inputs is None:
+        raise BundleError(f"bundle {bundle} has no collected expert inputs",
+                          "run: dymoe calibrate BUNDLE --data TEXT --collect-inputs")
+    return ExpertInputsReader(bundle, manifest, calibration.expert_inputs)
