@@ -19,7 +19,7 @@ from rich.table import Table
 
 from dymoe import defaults
 from dymoe.calibration import options as cal_defaults
-from dymoe.errors import DymoeError
+from dymoe.errors import DymoeError, InputError
 
 app = typer.Typer(
     name="dymoe",
@@ -66,18 +66,31 @@ def export(
     block_size: Annotated[int, typer.Option(help="Quantization block along the input features.")] = defaults.BLOCK_SIZE,
     workers: Annotated[int, typer.Option(help="Parallel processes for expert quantization.")] = defaults.EXPORT_WORKERS,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing bundle or unfinished export.")] = False,
+    quantizer: Annotated[str, typer.Option(
+        help="How integer codes are chosen: rtn (round to nearest), hqq (optimised scales, no data) or gptq "
+             "(error compensation with each expert's routed inputs; needs --calibration-data).")] = defaults.QUANTIZER,
+    calibration_data: Annotated[list[Path] | None, typer.Option(
+        help="gptq only: text file(s), JSON Lines or folders to collect the experts' inputs from (repeatable).")
+    ] = None,
+    gptq_min_tokens: Annotated[int, typer.Option(
+        help="gptq only: experts routed fewer calibration tokens fall back to hqq (recorded in the manifest).")
+    ] = defaults.GPTQ_MIN_TOKENS,
 ) -> None:
     """Export a checkpoint to a bundle: one ONNX graph per expert and precision, the backbone,
     the tokenizer and manifest.json. An interrupted export resumes when rerun.
 
     Example: dymoe export ./Qwen3-30B-A3B --out bundles/qwen3 --precisions fp16,int4,int2 --workers 2
+
+    Example: dymoe export ./Qwen3-30B-A3B --out bundles/qwen3 --quantizer gptq --calibration-data train.txt
     """
     from dymoe.toolchain.export import ExportOptions
     from dymoe.toolchain.export import export as run_export
 
     t0 = time.perf_counter()
     opts = ExportOptions(precisions=tuple(p.strip() for p in precisions.split(",") if p.strip()),
-                         block_size=block_size, workers=workers, force=force, progress=sys.stderr.isatty())
+                         block_size=block_size, workers=workers, force=force, progress=sys.stderr.isatty(),
+                         quantizer=quantizer, calibration_data=tuple(str(p) for p in calibration_data or ()),
+                         gptq_min_tokens=gptq_min_tokens)
     try:
         manifest = run_export(model, out, opts)
     except KeyboardInterrupt:
@@ -85,6 +98,50 @@ def export(
                          "rerun the same command to resume") from None
     total = sum(f.bytes for f in manifest.files.values())
     err.print(f"wrote {out} ({_mib(total)}, {len(manifest.files)} files) in {time.perf_counter() - t0:.1f} s")
+
+
+@app.command()
+@friendly
+def requantize(
+    bundle: Annotated[Path, typer.Argument(help="Bundle folder (needs fp16 or fp32 experts to read weights from).")],
+    quantizer: Annotated[str, typer.Option(help="rtn, hqq or gptq (gptq needs dymoe calibrate --collect-inputs first).")
+                         ] = defaults.QUANTIZER,
+    precisions: Annotated[str, typer.Option(
+        help="Integer precisions to rewrite or add, comma list; empty = every integer precision of the bundle.")] = "",
+    gptq_min_tokens: Annotated[int, typer.Option(
+        help="gptq: experts routed fewer calibration tokens fall back to hqq (recorded in the manifest).")
+    ] = defaults.GPTQ_MIN_TOKENS,
+) -> None:
+    """Rewrite the low-bit experts of an existing bundle with another quantizer. The bundle stays
+    usable throughout (manifest.json switches in one atomic write); an interrupted run resumes.
+
+    Example: dymoe calibrate bundles/qwen3 --data train.txt --collect-inputs
+             dymoe requantize bundles/qwen3 --quantizer gptq
+
+    Example: dymoe requantize bundles/qwen3 --quantizer hqq --precisions int4,int2
+    """
+    from dymoe.toolchain.quantizers import QUANTIZERS, QuantizerOptions
+    from dymoe.toolchain.requantize import RequantizeOptions
+    from dymoe.toolchain.requantize import requantize as run_requantize
+
+    if quantizer not in QUANTIZERS:
+        raise InputError(f"unknown quantizer {quantizer!r}", f"choose from {', '.join(QUANTIZERS)}")
+    if gptq_min_tokens < 1:
+        raise InputError(f"--gptq-min-tokens {gptq_min_tokens} must be at least 1")
+    t0 = time.perf_counter()
+    opts = RequantizeOptions(quantizer=QuantizerOptions(quantizer, min_tokens=gptq_min_tokens),
+                             precisions=tuple(p.strip() for p in precisions.split(",") if p.strip()),
+                             progress=sys.stderr.isatty())
+    try:
+        m = run_requantize(bundle, opts)
+    except KeyboardInterrupt:
+        raise DymoeError(f"requantize of {bundle} interrupted; the bundle is unchanged and finished files are kept",
+                         "rerun the same command to resume") from None
+    info(bundle)
+    if m.calibration:
+        err.print("note: the calibration's sensitivity numbers were measured on the previous variants; "
+                  "rerun dymoe calibrate to re-measure them")
+    err.print(f"requantized {bundle} with {quantizer} in {time.perf_counter() - t0:.1f} s")
 
 
 @app.command()
@@ -112,15 +169,20 @@ def info(bundle: Annotated[Path, typer.Argument(help="Bundle folder.")]) -> None
         facts.add_row(f"[bold]{k}[/]", str(v))
     out.print(facts)
     table = Table(title="per precision")
-    for col in ("precision", "format", "experts on disk", "mean weight err", "mean output err"):
-        table.add_column(col, justify="right")
+    for col in ("precision", "format", "quantizer", "experts on disk", "mean weight err", "mean output err",
+                "mean routed output err"):
+        table.add_column(col, justify="left" if col == "quantizer" else "right")
     backbone = [m.backbone.embed, *m.backbone.layers, m.backbone.head]
     for p in m.quantization.precisions:
         vs = [e.variants[p] for e in m.experts]
         size = sum(m.files[v.path].bytes for v in vs)
-        table.add_row(p, m.quantization.formats[p], _mib(size),
-                      f"{sum(v.weight_rel_error for v in vs) / len(vs):.4f}",
-                      f"{sum(v.output_rel_error for v in vs) / len(vs):.4f}")
+        routed = [v.routed_output_rel_error for v in vs if v.routed_output_rel_error is not None]
+        made = sorted({v.quantizer for v in vs if v.quantizer})
+        fell = sum(v.quantizer_note is not None for v in vs)
+        table.add_row(p, m.quantization.formats[p], ",".join(made) + (f" ({fell} fell back)" if fell else "") or "-",
+                      _mib(size), f"{sum(v.weight_rel_error for v in vs) / len(vs):.4f}",
+                      f"{sum(v.output_rel_error for v in vs) / len(vs):.4f}",
+                      f"{sum(routed) / len(routed):.4f}" if routed else "-")
     out.print(table)
     out.print(f"backbone (resident): {_mib(sum(m.files[r].bytes for r in backbone))}")
 
@@ -422,11 +484,21 @@ def calibrate(
     no_report: Annotated[bool, typer.Option("--no-report", help="Write calibration.json only.")] = False,
     no_sensitivity: Annotated[bool, typer.Option(
         "--no-sensitivity", help="Importance and predictability only (one pass).")] = False,
+    collect_inputs: Annotated[bool, typer.Option(
+        help=f"Also keep each expert's routed hidden states (BUNDLE/{cal_defaults.INPUTS_DIRNAME}/), for "
+             "`dymoe requantize --quantizer gptq`; memory and disk: about layers x experts x N x hidden x 2 bytes.")
+    ] = False,
+    inputs_per_expert: Annotated[int, typer.Option(
+        metavar="N", help="With --collect-inputs: routed hidden states kept per expert (N), a uniform sample "
+                          "of all it received.")] = cal_defaults.INPUTS_PER_EXPERT,
 ) -> None:
     """Measure expert importance, depth sensitivity and routing predictability on sample text;
     write calibration.json into the bundle (listed in its manifest) and a report with plots.
 
     Example: dymoe calibrate bundles/qwen3 --data heldout.txt --samples 64 --report results/calibration
+
+    Example (inputs for GPTQ, from training-like text):
+    dymoe calibrate bundles/qwen3 --data train.txt --no-sensitivity --collect-inputs
     """
     from rich import box
 
@@ -449,11 +521,12 @@ def calibrate(
     if not no_report:
         cal_report.require_matplotlib()  # fail before measuring, not after
     opts = CalibrationOptions(samples=samples, sensitivity_samples=sensitivity_samples, seq_len=seq_len, seed=seed,
-                              target_kl=target_kl, sensitivity=not no_sensitivity)
+                              target_kl=target_kl, sensitivity=not no_sensitivity, collect_inputs=collect_inputs,
+                              inputs_per_expert=inputs_per_expert)
     measured = measure(bundle, paths, opts, progress=sys.stderr.isatty())
     for note in measured.notes:
         err.print(f"[yellow]note:[/] {note}", highlight=False)
-    path = commit(bundle, measured.calibration)
+    path = commit(bundle, measured)
     header, rows = cal_report.summary(measured.calibration)
     table = Table(title="calibration", box=box.SIMPLE_HEAD)
     for col in header:
@@ -463,6 +536,10 @@ def calibrate(
     out.print(table)
     err.print(f"wrote {path} in {measured.total_s:.1f} s "
               f"({', '.join(f'{k} {v:.1f} s' for k, v in measured.seconds.items())})")
+    if inputs := measured.calibration.expert_inputs:
+        rows = sum(map(sum, inputs.kept))
+        err.print(f"kept {rows:,} routed inputs (at most {inputs.cap} per expert) in {len(inputs.files)} files "
+                  f"under {bundle / cal_defaults.INPUTS_DIRNAME}: {_mib(sum(map(len, measured.inputs.values())))}")
     if not no_report:
         written = cal_report.write_report(measured.calibration, folder, measured.seconds, str(path))
         err.print(f"wrote {len(written)} report files to {folder}")

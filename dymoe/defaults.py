@@ -3,6 +3,9 @@ heavy, so the CLI can show them in --help without loading onnx)."""
 
 PRECISIONS = ("fp16", "int8", "int4", "int2")  # export ladder; tests add fp32
 BLOCK_SIZE = 32  # chosen by measurement, see README "Quantization"
+# Data-free and never worse than round-to-nearest block by block; gptq needs calibration inputs.
+QUANTIZER = "hqq"
+GPTQ_MIN_TOKENS = 64  # experts with fewer routed calibration tokens fall back to hqq
 EXPORT_WORKERS = 1
 MAX_NEW_TOKENS = 64
 BUDGET = "100%"  # of every expert resident at the bundle's top precision

@@ -18,7 +18,10 @@ from typing import Any
 from dymoe.errors import BundleError, ChecksumError
 from dymoe.fsutil import atomic_write_text, sha256_file
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# 1: before each quantized variant recorded its quantizer (all of them were round-to-nearest);
+# read by filling that in, written back as 2.
+READABLE_SCHEMA_VERSIONS = (1, 2)
 MANIFEST_NAME = "manifest.json"
 
 
@@ -63,6 +66,10 @@ class ExpertVariant:
     precision: str
     weight_rel_error: float  # ||W - W_q|| / ||W|| over gate, up and down together
     output_rel_error: float  # ||y - y_q|| / ||y|| on a fixed seeded Gaussian input
+    quantizer: str | None = None  # rtn | hqq | gptq: what chose the codes (None: float precision)
+    quantizer_note: str | None = None  # why it is not the quantizer asked for (gptq -> hqq fallback)
+    calibration_tokens: int | None = None  # routed calibration tokens of this expert the quantizer saw
+    routed_output_rel_error: float | None = None  # ||y - y_q|| / ||y|| on those routed tokens
 
 
 @dataclass
@@ -83,8 +90,9 @@ class Backbone:
 class Quantization:
     precisions: list[str]  # highest first
     block_size: int
-    method: str  # "rtn"
+    method: str  # quantizer asked for: "rtn" | "hqq" | "gptq" (per variant: ExpertVariant.quantizer)
     formats: dict[str, str]  # precision -> "float" | "qdq" | "matmulnbits"
+    revision: str | None = None  # set by dymoe requantize: fingerprint of its quantizer, settings and inputs
 
 
 @dataclass
@@ -209,12 +217,19 @@ def read_manifest(bundle: Path) -> Manifest:
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise BundleError(f"{path} is not valid JSON ({e})", "re-export the bundle") from None
     version = data.get("schema_version") if isinstance(data, dict) else None
-    if version != SCHEMA_VERSION:
+    if type(version) is not int or version not in READABLE_SCHEMA_VERSIONS:
         raise BundleError(
-            f"{path}: schema_version {version!r}, this dymoe reads {SCHEMA_VERSION}",
+            f"{path}: schema_version {version!r}, this dymoe reads {', '.join(map(str, READABLE_SCHEMA_VERSIONS))}",
             "re-export the bundle with this dymoe version",
         )
-    return from_dict(Manifest, data)
+    manifest = from_dict(Manifest, data)
+    if version == 1:
+        for entry in manifest.experts:
+            for v in entry.variants.values():
+                if manifest.quantization.formats.get(v.precision) != "float":
+                    v.quantizer = "rtn"
+        manifest.schema_version = SCHEMA_VERSION
+    return manifest
 
 
 def verify_file(bundle: Path, manifest: Manifest, rel: str) -> Path:

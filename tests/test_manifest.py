@@ -320,3 +320,26 @@ def test_manifest_is_plain_dataclasses():
     m = make_manifest()
     assert dataclasses.asdict(m)["model"]["eos_token_ids"] == [1, 2]
     assert json.loads(m.to_json())["schema_version"] == SCHEMA_VERSION
+
+
+def test_schema_1_manifest_reads_as_round_to_nearest(tmp_path):
+    """Bundles written before variants recorded their quantizer were all round-to-nearest: read them
+    as such (and as the current schema), and reject a schema-1 file that has schema-2 fields."""
+    write_bundle(tmp_path)
+    data = json.loads((tmp_path / MANIFEST_NAME).read_text())
+    data["schema_version"] = 1
+    for entry in data["experts"]:
+        for v in entry["variants"].values():
+            for new in ("quantizer", "quantizer_note", "calibration_tokens", "routed_output_rel_error"):
+                del v[new]
+    del data["quantization"]["revision"]
+    (tmp_path / MANIFEST_NAME).write_text(json.dumps(data))
+    m = read_manifest(tmp_path)
+    assert m.schema_version == SCHEMA_VERSION == 2
+    assert {e.variants["int4"].quantizer for e in m.experts} == {"rtn"}
+    assert {e.variants["fp16"].quantizer for e in m.experts} == {None}
+    assert m.quantization.revision is None
+    data["experts"][0]["variants"]["int4"]["surprise"] = 1
+    (tmp_path / MANIFEST_NAME).write_text(json.dumps(data))
+    with pytest.raises(BundleError, match="unknown field 'experts\\[0\\].variants.int4.surprise'"):
+        read_manifest(tmp_path)

@@ -3,7 +3,9 @@
 fp32: logits within 1e-4 on a 16-token prefill plus 8 decode steps, and greedy generation
 token-identical to ``generate``. int8/int4: the bundle computes exactly the quantized model
 (transformers with dequantized expert weights, 1e-4), and each expert's recorded weight error
-obeys the round-to-nearest bound ||W - W_q||_F <= sqrt(sum over blocks of B * s^2 / 4).
+obeys the round-to-nearest bound ||W - W_q||_F <= sqrt(sum over blocks of B * s^2 / 4) (the default
+quantizer, hqq, picks ranges no worse than round-to-nearest's; its final unbiasing rescale must
+keep it within that bound too).
 """
 
 from __future__ import annotations
@@ -12,17 +14,18 @@ import json
 import shutil
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from safetensors.numpy import load_file, save_file
 
-from dymoe.manifest import read_manifest
+from dymoe.manifest import SCHEMA_VERSION, read_manifest
 from dymoe.runtime.bundle import Bundle
 from dymoe.runtime.experts import StaticExperts
 from dymoe.runtime.generate import generate
 from dymoe.runtime.model import MoEModel
 from dymoe.runtime.sessions import EXACT_INT_MATH
-from dymoe.toolchain.expert_graph import effective_weights
+from dymoe.toolchain.expert_weights import expert_weights
 from dymoe.toolchain.quantize import quantize_rtn
 
 PROMPT = np.random.default_rng(1).integers(0, 320, 24)
@@ -70,17 +73,20 @@ def test_greedy_generation_is_token_identical(tiny):
 
 def _dequantized_reference(tiny, precision, tmp_path):
     """transformers' own model class, loaded from a copy of the checkpoint whose routed expert
-    weights were replaced by what the bundle's quantized graphs compute with."""
+    weights were replaced by what the bundle's quantized graphs compute with (read back from the
+    graphs, so this holds whichever quantizer chose the codes)."""
     src, ref = tiny.src, tmp_path / f"ref_{precision}"
     shutil.copytree(src, ref)
     tensors = load_file(src / "model.safetensors")
-    block = read_manifest(tiny.bundle).quantization.block_size
+    m = read_manifest(tiny.bundle)
     names = sorted(n for n in tensors if ".experts." in n and n.endswith(".weight"))
     experts = {n.rsplit(".", 2)[0] for n in names}  # "...experts.{e}"
     proj = {"mixtral": ("w1", "w3", "w2")}.get(tiny.arch, ("gate_proj", "up_proj", "down_proj"))
     for e in experts:
+        layer, expert = int(e.split(".layers.")[1].split(".")[0]), int(e.rsplit(".", 1)[1])
+        graph = onnx.load(tiny.bundle / m.expert(layer, expert).variants[precision].path)
         keys = [f"{e}.{p}.weight" for p in proj]
-        for k, w in zip(keys, effective_weights(*(tensors[k] for k in keys), precision, block), strict=True):
+        for k, w in zip(keys, expert_weights(graph), strict=True):
             tensors[k] = np.ascontiguousarray(w, dtype=np.float32)
     save_file(tensors, ref / "model.safetensors", metadata={"format": "pt"})
     return type(tiny.model).from_pretrained(ref).eval()
@@ -128,7 +134,9 @@ def test_manifest_records_every_file(tiny):
     assert len(m.experts) == m.model.num_layers * m.model.num_experts
     errs = [np.mean([e.variants[p].output_rel_error for e in m.experts]) for p in ("int8", "int4", "int2")]
     assert errs[0] < errs[1] < errs[2]
-    assert json.loads((tiny.bundle / "manifest.json").read_text())["schema_version"] == 1
+    assert json.loads((tiny.bundle / "manifest.json").read_text())["schema_version"] == SCHEMA_VERSION
+    quantized = [v for e in m.experts for v in e.variants.values() if v.precision in ("int8", "int4", "int2")]
+    assert {v.quantizer for v in quantized} == {m.quantization.method} == {"hqq"}  # the export default
 
 
 def test_sliding_window_matches_transformers(tmp_path):

@@ -40,9 +40,10 @@ from dymoe.manifest import (
 from . import backbone_graph
 from .archs import get_architecture
 from .checkpoint import TOKENIZER_FILES, Checkpoint, resolve_model_path
-from .expert_graph import PRECISIONS, build_expert_model
+from .expert_graph import BITS, PRECISIONS, build_expert_model
 from .journal import Journal, read_journal
 from .layout import Ref, check_coverage
+from .quantizers import FALLBACK, QUANTIZERS, QuantizerOptions, quantize_expert
 
 JOURNAL = ".dymoe-export.jsonl"
 FORMATS = {"fp32": "float", "fp16": "float", "int8": "qdq", "int4": "qdq", "int2": "matmulnbits"}
@@ -55,6 +56,10 @@ class ExportOptions:
     workers: int = defaults.EXPORT_WORKERS
     force: bool = False
     progress: bool = True
+    quantizer: str = defaults.QUANTIZER
+    # gptq only: text the calibration pass runs (the experts' routed inputs are collected from it)
+    calibration_data: tuple[str, ...] = ()
+    gptq_min_tokens: int = defaults.GPTQ_MIN_TOKENS
 
     def validate(self) -> tuple[str, ...]:
         unknown = [p for p in self.precisions if p not in PRECISIONS]
@@ -67,6 +72,18 @@ class ExportOptions:
             raise InputError(f"--block-size {self.block_size} must be a power of two >= 16")
         if self.workers < 1:
             raise InputError(f"--workers {self.workers} must be at least 1")
+        if self.quantizer not in QUANTIZERS:
+            raise InputError(f"unknown quantizer {self.quantizer!r}", f"choose from {', '.join(QUANTIZERS)}")
+        if self.quantizer == "gptq" and not self.calibration_data:
+            raise InputError(
+                "--quantizer gptq needs calibration text: it quantizes each expert with its own routed inputs",
+                "pass --calibration-data FILE (text or JSON Lines), or export with --quantizer hqq, then run "
+                "dymoe calibrate BUNDLE --data FILE --collect-inputs and dymoe requantize BUNDLE --quantizer gptq")
+        if self.quantizer != "gptq" and self.calibration_data:
+            raise InputError("--calibration-data is only used by --quantizer gptq",
+                             "drop it, or add --quantizer gptq")
+        if self.gptq_min_tokens < 1:
+            raise InputError(f"--gptq-min-tokens {self.gptq_min_tokens} must be at least 1")
         # highest precision first, duplicates removed
         return tuple(p for p in PRECISIONS if p in self.precisions)
 
@@ -101,19 +118,34 @@ def _write_model(out: Path, rel: str, model) -> dict:
     return {"bytes": len(data), "sha256": sha}
 
 
+def write_expert(out: Path, rel: str, gate, up, down, precision: str, block_size: int, quantizer: QuantizerOptions,
+                 name: str, inputs=None) -> dict:
+    """Quantize (for an integer precision), build and atomically write one expert variant; return
+    its journal entry: file size and sha256, errors, and what quantized it."""
+    quant = None
+    if precision in BITS:
+        quant = quantize_expert(gate, up, down, precision, block_size, quantizer, inputs)
+    model, stats = build_expert_model(gate, up, down, precision, block_size, name=name,
+                                      quantized=quant.mats if quant else None)
+    entry = _write_model(out, rel, model)
+    del model
+    entry.update(weight_rel_error=float(stats.weight_rel_error), output_rel_error=float(stats.output_rel_error))
+    if quant:
+        entry.update(quantizer=quant.quantizer, quantizer_note=quant.note, calibration_tokens=quant.tokens,
+                     routed_output_rel_error=quant.routed_output_rel_error)
+    return entry
+
+
 def _expert_task(folder: str, out: str, spec: ModelSpec, mapping: dict, layer: int, expert: int,
-                 precisions: tuple[str, ...], block_size: int) -> dict[str, dict]:
+                 precisions: tuple[str, ...], block_size: int, quantizer: QuantizerOptions) -> dict[str, dict]:
     ckpt = _checkpoint(folder)
     p = f"layers.{layer}.experts.{expert}."
     gate, up, down = (_read(ckpt, mapping[p + n]) for n in ("gate", "up", "down"))
     done = {}
     for prec in precisions:
-        model, stats = build_expert_model(gate, up, down, prec, block_size, name=f"l{layer}_e{expert}_{prec}")
         rel = expert_path(layer, expert, prec)
-        entry = _write_model(Path(out), rel, model)
-        del model
-        entry.update(weight_rel_error=float(stats.weight_rel_error), output_rel_error=float(stats.output_rel_error))
-        done[rel] = entry
+        done[rel] = write_expert(Path(out), rel, gate, up, down, prec, block_size, quantizer,
+                                 name=f"l{layer}_e{expert}_{prec}")
     return done
 
 
@@ -137,10 +169,11 @@ def _backbone_task(folder: str, out: str, spec: ModelSpec, mapping: dict, what: 
 # --- orchestration ------------------------------------------------------------------------
 
 
-def _fingerprint(ckpt: Checkpoint, precisions: tuple[str, ...], block_size: int) -> str:
+def _fingerprint(ckpt: Checkpoint, precisions: tuple[str, ...], block_size: int, options: ExportOptions) -> str:
     blob = json.dumps(
         {"checkpoint": ckpt.fingerprint(), "precisions": precisions, "block_size": block_size,
-         "dymoe": dymoe.__version__, "schema": SCHEMA_VERSION},
+         "quantizer": options.quantizer, "calibration_data": [str(Path(p).resolve()) for p in options.calibration_data],
+         "gptq_min_tokens": options.gptq_min_tokens, "dymoe": dymoe.__version__, "schema": SCHEMA_VERSION},
         sort_keys=True,
     )
     return hashlib.sha256(blob.encode()).hexdigest()
@@ -200,10 +233,15 @@ def export(model: str, out: Path, options: ExportOptions = ExportOptions()) -> M
             f"no tokenizer.json in {folder}",
             "save the fast tokenizer next to the weights (tokenizer.save_pretrained(folder))",
         )
-    fingerprint = _fingerprint(ckpt, precisions, options.block_size)
+    fingerprint = _fingerprint(ckpt, precisions, options.block_size, options)
+    if options.quantizer == "gptq" and not options.force and _data_free_stage_done(out, fingerprint):
+        return _gptq_stage(out, options)  # resume: the data-free bundle was finished before the interruption
     done = _prepare_out(out, fingerprint, options.force)
     done = {rel: e for rel, e in done.items() if _still_valid(out, rel, e)}
     journal = Journal(out / JOURNAL, fingerprint, done)
+    # gptq first writes a complete data-free (hqq) bundle, which the calibration pass then runs
+    stage_quantizer = QuantizerOptions(FALLBACK if options.quantizer == "gptq" else options.quantizer,
+                                       min_tokens=options.gptq_min_tokens)
     backbone_jobs = ["embed", *[str(layer) for layer in range(spec.num_layers)], "head"]
     backbone_rel = {"embed": "backbone/embed.onnx", "head": "backbone/head.onnx",
                     **{str(i): layer_path(i) for i in range(spec.num_layers)}}
@@ -213,7 +251,7 @@ def export(model: str, out: Path, options: ExportOptions = ExportOptions()) -> M
         for e in range(spec.num_experts):
             if all(expert_path(layer, e, p) in done for p in precisions):
                 continue
-            args = (str(folder), str(out), spec, mapping, layer, e, precisions, options.block_size)
+            args = (str(folder), str(out), spec, mapping, layer, e, precisions, options.block_size, stage_quantizer)
             jobs.append((_expert_task, args))
     total = len(backbone_jobs) + spec.num_layers * spec.num_experts
     with Progress(TextColumn("[bold]export[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -244,10 +282,49 @@ def export(model: str, out: Path, options: ExportOptions = ExportOptions()) -> M
             rel = f"tokenizer/{name}"
             data = src.read_bytes()
             done[rel] = {"bytes": len(data), "sha256": atomic_write_bytes(out / rel, data)}
-    manifest = _manifest(model, ckpt, spec, precisions, options.block_size, fingerprint, done)
+    manifest = _manifest(model, ckpt, spec, precisions, options.block_size, fingerprint, done, stage_quantizer.name)
     manifest.write(out)
     journal.remove()
+    if options.quantizer == "gptq":
+        return _gptq_stage(out, options)
     return manifest
+
+
+def _data_free_stage_done(out: Path, fingerprint: str) -> bool:
+    """True when ``out`` holds the finished first stage of this very gptq export."""
+    from dymoe.manifest import read_manifest
+
+    if not (out / MANIFEST_NAME).is_file():
+        return False
+    try:
+        m = read_manifest(out)
+    except BundleError:
+        return False
+    return m.source.fingerprint_sha256 == fingerprint and m.quantization.method == FALLBACK
+
+
+def _gptq_stage(out: Path, options: ExportOptions) -> Manifest:
+    """Collect every expert's routed inputs on the calibration text, then requantize with gptq."""
+    from dymoe.calibration.options import SEQ_LEN, CalibrationOptions
+    from dymoe.calibration.run import commit, measure
+    from dymoe.manifest import read_manifest
+
+    from .requantize import RequantizeOptions, requantize
+
+    context = read_manifest(out).model.max_position_embeddings
+    calibration = CalibrationOptions(seq_len=min(SEQ_LEN, context), sensitivity=False, collect_inputs=True)
+    measured = measure(out, [Path(p) for p in options.calibration_data], calibration, progress=options.progress)
+    commit(out, measured)
+    return requantize(out, RequantizeOptions(
+        quantizer=QuantizerOptions("gptq", min_tokens=options.gptq_min_tokens), progress=options.progress))
+
+
+def variant_of(rel: str, precision: str, entry: dict) -> ExpertVariant:
+    """The manifest record of one written variant, from its journal entry."""
+    return ExpertVariant(path=rel, precision=precision, weight_rel_error=entry["weight_rel_error"],
+                         output_rel_error=entry["output_rel_error"], quantizer=entry.get("quantizer"),
+                         quantizer_note=entry.get("quantizer_note"), calibration_tokens=entry.get("calibration_tokens"),
+                         routed_output_rel_error=entry.get("routed_output_rel_error"))
 
 
 def _tool_versions() -> dict[str, str]:
@@ -261,7 +338,7 @@ def _tool_versions() -> dict[str, str]:
 
 
 def _manifest(model: str, ckpt: Checkpoint, spec: ModelSpec, precisions: tuple[str, ...], block_size: int,
-              fingerprint: str, done: dict[str, dict]) -> Manifest:
+              fingerprint: str, done: dict[str, dict], quantizer: str) -> Manifest:
     experts = []
     for layer in range(spec.num_layers):
         for e in range(spec.num_experts):
@@ -269,8 +346,7 @@ def _manifest(model: str, ckpt: Checkpoint, spec: ModelSpec, precisions: tuple[s
             for p in precisions:
                 rel = expert_path(layer, e, p)
                 d = done[rel]
-                variants[p] = ExpertVariant(path=rel, precision=p, weight_rel_error=d["weight_rel_error"],
-                                            output_rel_error=d["output_rel_error"])
+                variants[p] = variant_of(rel, p, d)
             experts.append(ExpertEntry(layer=layer, expert=e, variants=variants))
     return Manifest(
         schema_version=SCHEMA_VERSION,
@@ -279,7 +355,7 @@ def _manifest(model: str, ckpt: Checkpoint, spec: ModelSpec, precisions: tuple[s
         source=Source(model=str(model), model_type=spec.model_type, fingerprint_sha256=fingerprint,
                       source_bytes=ckpt.source_bytes()),
         model=spec,
-        quantization=Quantization(precisions=list(precisions), block_size=block_size, method="rtn",
+        quantization=Quantization(precisions=list(precisions), block_size=block_size, method=quantizer,
                                   formats={p: FORMATS[p] for p in precisions}),
         tools=_tool_versions(),
         tokenizer=sorted(r for r in done if r.startswith("tokenizer/")),

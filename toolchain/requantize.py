@@ -1,0 +1,184 @@
+"""``dymoe requantize``: rewrite the integer variants of an existing bundle with another quantizer.
+
+The weights come from the bundle's own float variant (fp32, else fp16), the routed inputs for
+gptq from ``dymoe calibrate --collect-inputs``. The bundle stays usable at every moment: new
+variants are written under new names (tagged with this run's fingerprint), each recorded in a
+journal (``.dymoe-requantize.jsonl``) so an interrupted run resumes; ``manifest.json`` is swapped
+in one atomic write once all of them exist, and only then are the old files deleted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+import dymoe
+from dymoe.errors import BundleError, InputError
+from dymoe.fsutil import sha256_file
+from dymoe.manifest import FileEntry, Manifest, read_manifest, read_verified
+
+from .expert_graph import BITS, PRECISIONS
+from .expert_weights import expert_weights
+from .journal import Journal, read_journal
+from .quantizers import QuantizerOptions, RoutedInputs
+
+JOURNAL = ".dymoe-requantize.jsonl"
+FLOAT_SOURCES = ("fp32", "fp16")  # where the weights are read from, best first
+FORMATS = {"int8": "qdq", "int4": "qdq", "int2": "matmulnbits"}
+
+
+@dataclass(frozen=True)
+class RequantizeOptions:
+    quantizer: QuantizerOptions = QuantizerOptions()
+    precisions: tuple[str, ...] = ()  # integer precisions to (re)write; () = every one in the bundle
+    progress: bool = True
+
+
+def variant_path(layer: int, expert: int, precision: str, quantizer: str, tag: str) -> str:
+    return f"experts/layer_{layer:03d}/expert_{expert:03d}.{precision}.{quantizer}-{tag}.onnx"
+
+
+def _targets(manifest: Manifest, options: RequantizeOptions) -> tuple[str, ...]:
+    have = manifest.quantization.precisions
+    wanted = options.precisions or tuple(p for p in have if p in BITS)
+    bad = [p for p in wanted if p not in BITS]
+    if bad:
+        raise InputError(f"cannot requantize to {', '.join(bad)}: only integer precisions are quantized",
+                         f"choose from {', '.join(BITS)}")
+    if not wanted:
+        raise InputError("the bundle has no integer precision to requantize",
+                         "name the ones to add with --precisions int4,int2")
+    return tuple(p for p in PRECISIONS if p in wanted)
+
+
+def _source_precision(manifest: Manifest, bundle: Path) -> str:
+    for p in FLOAT_SOURCES:
+        if p in manifest.quantization.precisions:
+            return p
+    raise BundleError(f"{bundle} has no fp32 or fp16 experts to requantize from",
+                      "re-export it with a float precision in --precisions (e.g. fp16,int4,int2), "
+                      "or export directly with the quantizer you want (dymoe export --quantizer ...)")
+
+
+def _inputs(bundle: Path, manifest: Manifest, needed: bool):
+    """The calibration's expert-input reader, or None when there is none and it is not needed."""
+    from dymoe.calibration.inputs import load_expert_inputs
+    from dymoe.calibration.schema import read_calibration
+
+    if not manifest.calibration or manifest.calibration not in manifest.files:
+        if needed:
+            raise BundleError(f"bundle {bundle} has no calibration with expert inputs (gptq needs them)",
+                              "run: dymoe calibrate BUNDLE --data TEXT --collect-inputs")
+        return None, None
+    calibration = read_calibration(bundle, manifest)
+    if calibration.expert_inputs is None:
+        if needed:
+            raise BundleError(f"the calibration of {bundle} did not collect expert inputs (gptq needs them)",
+                              "run: dymoe calibrate BUNDLE --data TEXT --collect-inputs")
+        return None, None
+    return load_expert_inputs(bundle, manifest, calibration), calibration.expert_inputs
+
+
+def _fingerprint(manifest: Manifest, source: str, targets: tuple[str, ...], options: RequantizeOptions,
+                 input_files: list[str]) -> str:
+    """What the new variants depend on: the source weights, the inputs, the quantizer and its settings."""
+    sources = [manifest.files[e.variants[source].path].sha256 for e in manifest.experts]
+    blob = json.dumps({
+        "sources": hashlib.sha256("".join(sources).encode()).hexdigest(),
+        "inputs": [manifest.files[f].sha256 for f in input_files],
+        "quantizer": dataclasses.asdict(options.quantizer), "precisions": targets,
+        "block_size": manifest.quantization.block_size, "dymoe": dymoe.__version__,
+    }, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _orphans(bundle: Path, manifest: Manifest) -> list[Path]:
+    """Expert files on disk that the manifest no longer lists (left by a requantize that was
+    interrupted after its manifest swap)."""
+    experts = bundle / "experts"
+    listed = set(manifest.files)
+    return [p for p in experts.rglob("*.onnx") if str(p.relative_to(bundle)) not in listed] if experts.is_dir() else []
+
+
+def requantize(bundle: Path, options: RequantizeOptions = RequantizeOptions()) -> Manifest:
+    """Rewrite (or add) the integer variants of ``bundle`` with ``options.quantizer``."""
+    from .export import variant_of, write_expert
+
+    bundle = Path(bundle)
+    manifest = read_manifest(bundle)
+    targets = _targets(manifest, options)
+    source = _source_precision(manifest, bundle)
+    qopts = options.quantizer
+    reader, inputs_meta = _inputs(bundle, manifest, needed=qopts.needs_inputs)
+    fingerprint = _fingerprint(manifest, source, targets, options, inputs_meta.files if inputs_meta else [])
+    tag = fingerprint[:12]
+    if manifest.quantization.revision == tag:
+        for p in _orphans(bundle, manifest):
+            p.unlink()
+        return manifest  # already requantized with exactly these settings and inputs
+
+    previous, done = read_journal(bundle / JOURNAL)
+    if previous != fingerprint:
+        done = {}
+    done = {rel: e for rel, e in done.items()
+            if (bundle / rel).is_file() and (bundle / rel).stat().st_size == e["bytes"]
+            and sha256_file(bundle / rel) == e["sha256"]}
+    for stale in (bundle / "experts").rglob(".*.tmp"):
+        stale.unlink()
+    journal = Journal(bundle / JOURNAL, fingerprint, done)
+    with Progress(TextColumn("[bold]requantize[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), TimeRemainingColumn(), disable=not options.progress) as bar:
+        task = bar.add_task(f"{qopts.name} {','.join(targets)}", total=len(manifest.experts))
+        for entry in manifest.experts:
+            rels = {p: variant_path(entry.layer, entry.expert, p, qopts.name, tag) for p in targets}
+            if all(r in done for r in rels.values()):
+                bar.advance(task)
+                continue
+            data = read_verified(bundle, manifest, entry.variants[source].path)
+            gate, up, down = expert_weights(onnx.load_model_from_string(data))
+            del data
+            x = reader.rows(entry.layer, entry.expert) if reader else None
+            if x is not None and x.shape[0] == 0:
+                x = None
+            if x is not None:
+                x = RoutedInputs(x)  # shared by the expert's precisions
+            for p, rel in rels.items():
+                if rel in done:
+                    continue
+                finished = {rel: write_expert(bundle, rel, gate, up, down, p, manifest.quantization.block_size,
+                                              qopts, name=f"l{entry.layer}_e{entry.expert}_{p}", inputs=x)}
+                if x is None and qopts.needs_inputs:  # the expert got no routed token at all
+                    finished[rel]["calibration_tokens"] = 0
+                done.update(finished)
+                journal.record(finished)
+            bar.advance(task)
+
+    old = set()
+    for entry in manifest.experts:
+        for p, rel in ((p, variant_path(entry.layer, entry.expert, p, qopts.name, tag)) for p in targets):
+            if p in entry.variants:
+                old.add(entry.variants[p].path)
+            entry.variants[p] = variant_of(rel, p, done[rel])
+        entry.variants = {p: entry.variants[p] for p in PRECISIONS if p in entry.variants}
+    for rel in old:
+        manifest.files.pop(rel, None)
+    for rel in done:
+        manifest.files[rel] = FileEntry(bytes=done[rel]["bytes"], sha256=done[rel]["sha256"])
+    manifest.files = dict(sorted(manifest.files.items()))
+    q = manifest.quantization
+    q.precisions = [p for p in PRECISIONS if p in q.precisions or p in targets]
+    q.formats = {p: q.formats.get(p) or FORMATS[p] for p in q.precisions}
+    q.method, q.revision = qopts.name, tag
+    manifest.write(bundle)  # the one atomic switch from the old variants to the new
+    for rel in old:
+        (bundle / rel).unlink(missing_ok=True)
+    for p in _orphans(bundle, manifest):
+        p.unlink()
+    journal.remove()
+    return manifest
