@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test demo lint bench bench-export bench-decode clean calibrate
+.PHONY: setup test demo lint bench bench-export bench-decode bench-quant clean calibrate
 
 setup: $(STAMP)
 
@@ -37,6 +37,11 @@ bench-export: setup
 
 bench-decode: setup
 	$(BIN)/python benchmarks/decode_speed.py
+
+# rtn / hqq / gptq: demo held-out perplexity per precision, expert errors, export time, and
+# seconds + peak memory per expert at realistic shapes (results/quantizers.json)
+bench-quant: setup
+	$(BIN)/python benchmarks/quantizers.py
 
 # Calibrate the shipped demo model (CI jobs; a few minutes at most on 2 cores): export it into
 # .cache/ when that bundle is missing or older than the weights, then measure on its held-out text.

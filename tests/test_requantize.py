@@ -233,3 +233,17 @@ def test_export_gptq_cli(source, tmp_path):
     assert m["quantization"]["method"] == "gptq"
     r = subprocess.run([sys.executable, "-m", "dymoe.cli", "info", str(out)], capture_output=True, text=True)
     assert r.returncode == 0 and "gptq" in r.stdout
+
+
+def test_requantize_cli(calibrated, tmp_path):
+    bundle = _copy(calibrated, tmp_path)
+    r = subprocess.run([sys.executable, "-m", "dymoe.cli", "requantize", str(bundle), "--quantizer", "gptq",
+                        "--precisions", "int2", "--gptq-min-tokens", "8"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "gptq" in r.stdout and "requantized" in r.stderr and "re-measure" in r.stderr  # calibration is stale
+    m = _check_complete(bundle)
+    assert {e.variants["int2"].quantizer for e in m.experts} <= {"gptq", "hqq"}
+    assert {e.variants["int4"].quantizer for e in m.experts} == {"rtn"}
+    r = subprocess.run([sys.executable, "-m", "dymoe.cli", "requantize", str(bundle), "--quantizer", "best"],
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and "unknown quantizer 'best'" in r.stderr and "Traceback" not in r.stderr

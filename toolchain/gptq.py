@@ -63,7 +63,9 @@ def inverse_factor(hs: np.ndarray, damp: float = GptqOptions.damp) -> np.ndarray
     else:
         raise ValueError("GPTQ: X^T X is not positive definite even with heavy damping")
     del h, diag
-    return np.ascontiguousarray(_inverse_lower(lower)[::-1, ::-1])
+    inverse = _inverse_lower(lower)
+    del lower
+    return inverse[::-1, ::-1]  # a view: the callers read rows and small blocks of it
 
 
 def _inverse_lower(lower: np.ndarray, leaf: int = 256) -> np.ndarray:
