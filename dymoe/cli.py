@@ -75,6 +75,9 @@ def export(
     gptq_min_tokens: Annotated[int, typer.Option(
         help="gptq only: experts routed fewer calibration tokens fall back to hqq (recorded in the manifest).")
     ] = defaults.GPTQ_MIN_TOKENS,
+    inputs_per_expert: Annotated[int, typer.Option(
+        metavar="N", help="gptq only: routed hidden states kept per expert; memory about layers x experts x N x "
+                          "hidden x 2 bytes.")] = cal_defaults.INPUTS_PER_EXPERT,
 ) -> None:
     """Export a checkpoint to a bundle: one ONNX graph per expert and precision, the backbone,
     the tokenizer and manifest.json. An interrupted export resumes when rerun.
@@ -90,7 +93,7 @@ def export(
     opts = ExportOptions(precisions=tuple(p.strip() for p in precisions.split(",") if p.strip()),
                          block_size=block_size, workers=workers, force=force, progress=sys.stderr.isatty(),
                          quantizer=quantizer, calibration_data=tuple(str(p) for p in calibration_data or ()),
-                         gptq_min_tokens=gptq_min_tokens)
+                         gptq_min_tokens=gptq_min_tokens, inputs_per_expert=inputs_per_expert)
     try:
         manifest = run_export(model, out, opts)
     except KeyboardInterrupt:

@@ -3,7 +3,8 @@ heavy, so the CLI can show them in --help without loading onnx)."""
 
 PRECISIONS = ("fp16", "int8", "int4", "int2")  # export ladder; tests add fp32
 BLOCK_SIZE = 32  # chosen by measurement, see README "Quantization"
-# Data-free and never worse than round-to-nearest block by block; gptq needs calibration inputs.
+# Data-free, and closer to fp32 than round-to-nearest on the demo model (README "Quantizers");
+# gptq needs calibration inputs.
 QUANTIZER = "hqq"
 GPTQ_MIN_TOKENS = 64  # experts with fewer routed calibration tokens fall back to hqq
 EXPORT_WORKERS = 1

@@ -324,7 +324,7 @@ def test_manifest_is_plain_dataclasses():
 
 def test_schema_1_manifest_reads_as_round_to_nearest(tmp_path):
     """Bundles written before variants recorded their quantizer were all round-to-nearest: read them
-    as such (and as the current schema), and reject a schema-1 file that has schema-2 fields."""
+    as such (and as the current schema); the reader stays strict about unknown fields."""
     write_bundle(tmp_path)
     data = json.loads((tmp_path / MANIFEST_NAME).read_text())
     data["schema_version"] = 1

@@ -217,6 +217,12 @@ def test_export_with_gptq_runs_calibration_and_resumes(source, tmp_path, monkeyp
     _check_complete(out)
     with pytest.raises(BundleError, match="already holds a complete bundle"):
         export(str(src), out, opts)
+    # stopped after requantize switched the manifest in, before its cleanup: the rerun finishes it
+    (out / JOURNAL).write_text('{"fingerprint": "x"}\n')
+    again = export(str(src), out, opts)
+    assert again.quantization.revision == m.quantization.revision
+    assert not (out / JOURNAL).exists()
+    _check_complete(out)
 
 
 def test_export_gptq_cli(source, tmp_path):
@@ -247,3 +253,57 @@ def test_requantize_cli(calibrated, tmp_path):
     r = subprocess.run([sys.executable, "-m", "dymoe.cli", "requantize", str(bundle), "--quantizer", "best"],
                        capture_output=True, text=True)
     assert r.returncode == 1 and "unknown quantizer 'best'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_returning_to_earlier_settings_keeps_every_listed_file(calibrated, tmp_path):
+    """hqq, then rtn for int2 only, then hqq again: the third run's int4 names are the first run's,
+    still listed; they must be kept as they are, not rewritten or deleted."""
+    bundle = _copy(calibrated, tmp_path)
+    hqq = RequantizeOptions(QuantizerOptions("hqq"), progress=False)
+    first = requantize(bundle, hqq)
+    requantize(bundle, RequantizeOptions(QuantizerOptions("rtn"), precisions=("int2",), progress=False))
+    int4 = {rel: (bundle / rel).stat().st_mtime_ns for rel in (e.variants["int4"].path for e in first.experts)}
+    third = requantize(bundle, hqq)
+    _check_complete(bundle)
+    assert [e.variants["int4"].path for e in third.experts] == list(int4)
+    assert all((bundle / rel).stat().st_mtime_ns == t for rel, t in int4.items())  # not rewritten
+    assert {e.variants["int2"].quantizer for e in third.experts} == {"hqq"}
+
+
+def test_a_run_stopped_after_its_manifest_switch_is_finished_by_the_next(calibrated, tmp_path, monkeypatch):
+    bundle = _copy(calibrated, tmp_path)
+
+    def stop(_path):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(requantize_mod, "fsync_dir", stop)  # right after the manifest write
+    opts = RequantizeOptions(QuantizerOptions("hqq"), progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        requantize(bundle, opts)
+    m = read_manifest(bundle)
+    assert m.quantization.method == "hqq"
+    for rel in m.files:  # the new manifest is complete; only leftovers remain
+        verify_file(bundle, m, rel)
+    assert (bundle / JOURNAL).exists()
+    monkeypatch.undo()
+    requantize(bundle, opts)
+    _check_complete(bundle)
+    assert not (bundle / JOURNAL).exists()
+
+
+@pytest.mark.parametrize("precisions,data,expected", [
+    (("int4", "int2"), True, "needs a float precision"),
+    (("fp16",), True, "nothing to quantize"),
+    (("fp16", "int4"), "missing", "--calibration-data: data file not found"),
+    (("fp16", "int4"), "short", "fewer than one sample"),
+])
+def test_export_gptq_checks_its_inputs_before_exporting(source, tmp_path, precisions, data, expected):
+    src, text = source
+    path = {True: text, "missing": tmp_path / "nope.txt", "short": tmp_path / "short.txt"}[data]
+    if data == "short":
+        path.write_text("w1 w2 w3")
+    out = tmp_path / "out"
+    with pytest.raises(InputError, match=expected):
+        export(str(src), out, ExportOptions(precisions=precisions, quantizer="gptq", calibration_data=(str(path),),
+                                            progress=False))
+    assert not out.exists()  # nothing was exported before the error

@@ -22,6 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 import dymoe
 from dymoe import defaults
+from dymoe.calibration.options import INPUTS_PER_EXPERT
 from dymoe.errors import BundleError, CheckpointError, InputError
 from dymoe.fsutil import atomic_write_bytes, sha256_file
 from dymoe.manifest import (
@@ -60,6 +61,7 @@ class ExportOptions:
     # gptq only: text the calibration pass runs (the experts' routed inputs are collected from it)
     calibration_data: tuple[str, ...] = ()
     gptq_min_tokens: int = defaults.GPTQ_MIN_TOKENS
+    inputs_per_expert: int = INPUTS_PER_EXPERT  # gptq: routed rows kept per expert
 
     def validate(self) -> tuple[str, ...]:
         unknown = [p for p in self.precisions if p not in PRECISIONS]
@@ -84,6 +86,16 @@ class ExportOptions:
                              "drop it, or add --quantizer gptq")
         if self.gptq_min_tokens < 1:
             raise InputError(f"--gptq-min-tokens {self.gptq_min_tokens} must be at least 1")
+        if self.inputs_per_expert < 1:
+            raise InputError(f"--inputs-per-expert {self.inputs_per_expert} must be at least 1")
+        if self.quantizer == "gptq":
+            if not {"fp32", "fp16"} & set(self.precisions):
+                raise InputError("--quantizer gptq needs a float precision in --precisions: the calibration pass "
+                                 "runs it, and the integer variants are requantized from it",
+                                 "add fp16 (or fp32), e.g. --precisions fp16,int4,int2")
+            if not set(BITS) & set(self.precisions):
+                raise InputError("--quantizer gptq has nothing to quantize: no integer precision in --precisions",
+                                 "add int8, int4 or int2, e.g. --precisions fp16,int4,int2")
         # highest precision first, duplicates removed
         return tuple(p for p in PRECISIONS if p in self.precisions)
 
@@ -233,8 +245,10 @@ def export(model: str, out: Path, options: ExportOptions = ExportOptions()) -> M
             f"no tokenizer.json in {folder}",
             "save the fast tokenizer next to the weights (tokenizer.save_pretrained(folder))",
         )
+    if options.quantizer == "gptq":
+        _check_calibration_data(options, spec, folder)  # before the long stage 1, not after it
     fingerprint = _fingerprint(ckpt, precisions, options.block_size, options)
-    if options.quantizer == "gptq" and not options.force and _data_free_stage_done(out, fingerprint):
+    if options.quantizer == "gptq" and not options.force and _gptq_stage_pending(out, fingerprint):
         return _gptq_stage(out, options)  # resume: the data-free bundle was finished before the interruption
     done = _prepare_out(out, fingerprint, options.force)
     done = {rel: e for rel, e in done.items() if _still_valid(out, rel, e)}
@@ -290,9 +304,12 @@ def export(model: str, out: Path, options: ExportOptions = ExportOptions()) -> M
     return manifest
 
 
-def _data_free_stage_done(out: Path, fingerprint: str) -> bool:
-    """True when ``out`` holds the finished first stage of this very gptq export."""
+def _gptq_stage_pending(out: Path, fingerprint: str) -> bool:
+    """True when ``out`` holds this very gptq export with its gptq stage unfinished: the data-free
+    bundle done, or the requantization switched in but not yet cleaned up."""
     from dymoe.manifest import read_manifest
+
+    from .requantize import JOURNAL as REQUANTIZE_JOURNAL
 
     if not (out / MANIFEST_NAME).is_file():
         return False
@@ -300,19 +317,53 @@ def _data_free_stage_done(out: Path, fingerprint: str) -> bool:
         m = read_manifest(out)
     except BundleError:
         return False
-    return m.source.fingerprint_sha256 == fingerprint and m.quantization.method == FALLBACK
+    if m.source.fingerprint_sha256 != fingerprint:
+        return False
+    return m.quantization.method == FALLBACK or (out / REQUANTIZE_JOURNAL).exists()
+
+
+def _calibration_options(options: ExportOptions, context: int):
+    from dymoe.calibration.options import SEQ_LEN, CalibrationOptions
+
+    return CalibrationOptions(seq_len=min(SEQ_LEN, context), sensitivity=False, collect_inputs=True,
+                              inputs_per_expert=options.inputs_per_expert)
+
+
+def _check_calibration_data(options: ExportOptions, spec: ModelSpec, folder: Path) -> None:
+    """Everything the gptq stage will need from its data and memory, checked up front."""
+    from dymoe.calibration import data as data_mod
+    from dymoe.calibration.inputs import available_memory, require_memory
+    from dymoe.errors import DymoeError
+    from dymoe.runtime.tokenizer import TextTokenizer
+
+    calibration = _calibration_options(options, spec.max_position_embeddings)
+    try:
+        require_memory(spec.num_layers, spec.num_experts, spec.hidden_size, calibration.inputs_per_expert,
+                       available_memory())
+    except DymoeError as e:
+        raise InputError(e.message, "lower --inputs-per-expert") from None
+    try:
+        paths = [Path(p) for p in options.calibration_data]
+        data_mod.discover(paths)
+        files = data_mod.load(paths)
+        eos = spec.eos_token_ids[0] if spec.eos_token_ids else None
+        ids = data_mod.tokenize(files, TextTokenizer(folder / "tokenizer.json").encode, eos)
+        names = [f.name for f in files]
+        data_mod.sample_windows(ids, calibration.samples, calibration.seq_len, calibration.seed, names)
+    except DymoeError as e:
+        raise InputError(f"--calibration-data: {e.message}",
+                         "give readable text (plain, JSON Lines with 'text', or folders of them) with at least "
+                         f"{calibration.seq_len} tokens to --calibration-data") from None
 
 
 def _gptq_stage(out: Path, options: ExportOptions) -> Manifest:
     """Collect every expert's routed inputs on the calibration text, then requantize with gptq."""
-    from dymoe.calibration.options import SEQ_LEN, CalibrationOptions
     from dymoe.calibration.run import commit, measure
     from dymoe.manifest import read_manifest
 
     from .requantize import RequantizeOptions, requantize
 
-    context = read_manifest(out).model.max_position_embeddings
-    calibration = CalibrationOptions(seq_len=min(SEQ_LEN, context), sensitivity=False, collect_inputs=True)
+    calibration = _calibration_options(options, read_manifest(out).model.max_position_embeddings)
     measured = measure(out, [Path(p) for p in options.calibration_data], calibration, progress=options.progress)
     commit(out, measured)
     return requantize(out, RequantizeOptions(

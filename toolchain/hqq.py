@@ -19,7 +19,8 @@ block's *salience-weighted* squared error ``sum c (w - s (q - z))^2`` with
    ``w - e``. HQQ keeps ``z`` fractional; here it is rounded to an integer code (what
    DequantizeLinear and MatMulNBits store) and ``s`` is refitted for that integer ``z``.
 3. Every candidate is scored by that error and the best is kept per (block, column), with RTN's
-   own parameters among the candidates, so the choice is never worse than RTN block by block.
+   own parameters among the candidates, so the range search never picks worse than RTN block by
+   block (under that error; step 4 then trades a little of it for no bias).
 4. Unbiasing: with its codes fixed, each (block, column)'s scale is multiplied by
    ``<w, w> / <w_q, w>`` so that ``<w_q, w> = <w, w>``. A least-squares fit shrinks:
    ``||w_q|| < ||w||``, and every expert's output comes out a little too small; through the

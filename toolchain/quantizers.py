@@ -117,7 +117,8 @@ def quantize_expert(gate: np.ndarray, up: np.ndarray, down: np.ndarray, precisio
                 f"< {options.min_tokens} (--gptq-min-tokens)")
     g_kn, u_kn, d_kn = (np.asarray(w, dtype=np.float32).T for w in (gate, up, down))
     if how == "gptq":
-        x, hs, factor = inputs.x, inputs.gram(), inputs.factor(options.gptq.damp)
+        x, hs = inputs.x, inputs.gram()
+        factor = None if options.gptq.act_order else inputs.factor(options.gptq.damp)  # act order permutes first
         mats = {"gate": _one(g_kn, bits, block_size, how, options, hs, factor),
                 "up": _one(u_kn, bits, block_size, how, options, hs, factor)}
         act = _silu(x @ dequantize(mats["gate"])) * (x @ dequantize(mats["up"]))  # [T, I] as served

@@ -20,7 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 import dymoe
 from dymoe.errors import BundleError, InputError
-from dymoe.fsutil import sha256_file
+from dymoe.fsutil import fsync_dir, sha256_file
 from dymoe.manifest import FileEntry, Manifest, read_manifest, read_verified
 
 from .expert_graph import BITS, PRECISIONS
@@ -98,6 +98,13 @@ def _fingerprint(manifest: Manifest, source: str, targets: tuple[str, ...], opti
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+def _entry_of(v, f: FileEntry) -> dict:
+    """A journal entry for a variant already in the manifest."""
+    return {"bytes": f.bytes, "sha256": f.sha256, "weight_rel_error": v.weight_rel_error,
+            "output_rel_error": v.output_rel_error, "quantizer": v.quantizer, "quantizer_note": v.quantizer_note,
+            "calibration_tokens": v.calibration_tokens, "routed_output_rel_error": v.routed_output_rel_error}
+
+
 def _orphans(bundle: Path, manifest: Manifest) -> list[Path]:
     """Expert files on disk that the manifest no longer lists (left by a requantize that was
     interrupted after its manifest swap)."""
@@ -118,10 +125,11 @@ def requantize(bundle: Path, options: RequantizeOptions = RequantizeOptions()) -
     reader, inputs_meta = _inputs(bundle, manifest, needed=qopts.needs_inputs)
     fingerprint = _fingerprint(manifest, source, targets, options, inputs_meta.files if inputs_meta else [])
     tag = fingerprint[:12]
-    if manifest.quantization.revision == tag:
-        for p in _orphans(bundle, manifest):
+    if manifest.quantization.revision == tag:  # already requantized with exactly these settings and inputs
+        for p in _orphans(bundle, manifest):  # finish the cleanup of a run stopped after its manifest swap
             p.unlink()
-        return manifest  # already requantized with exactly these settings and inputs
+        (bundle / JOURNAL).unlink(missing_ok=True)
+        return manifest
 
     previous, done = read_journal(bundle / JOURNAL)
     if previous != fingerprint:
@@ -129,6 +137,14 @@ def requantize(bundle: Path, options: RequantizeOptions = RequantizeOptions()) -
     done = {rel: e for rel, e in done.items()
             if (bundle / rel).is_file() and (bundle / rel).stat().st_size == e["bytes"]
             and sha256_file(bundle / rel) == e["sha256"]}
+    # A variant the manifest already lists under this run's name (these settings were applied
+    # before, then partly replaced) is kept as it is: rewriting a listed file before the swap
+    # would break the bundle's promise, and the same fingerprint makes the same bytes.
+    for entry in manifest.experts:
+        for p in targets:
+            v = entry.variants.get(p)
+            if v is not None and v.path == variant_path(entry.layer, entry.expert, p, qopts.name, tag):
+                done[v.path] = _entry_of(v, manifest.files[v.path])
     for stale in (bundle / "experts").rglob(".*.tmp"):
         stale.unlink()
     journal = Journal(bundle / JOURNAL, fingerprint, done)
@@ -166,6 +182,7 @@ def requantize(bundle: Path, options: RequantizeOptions = RequantizeOptions()) -
                 old.add(entry.variants[p].path)
             entry.variants[p] = variant_of(rel, p, done[rel])
         entry.variants = {p: entry.variants[p] for p in PRECISIONS if p in entry.variants}
+    old -= set(done)  # a name both old and new is the same file: keep it
     for rel in old:
         manifest.files.pop(rel, None)
     for rel in done:
@@ -176,6 +193,7 @@ def requantize(bundle: Path, options: RequantizeOptions = RequantizeOptions()) -
     q.formats = {p: q.formats.get(p) or FORMATS[p] for p in q.precisions}
     q.method, q.revision = qopts.name, tag
     manifest.write(bundle)  # the one atomic switch from the old variants to the new
+    fsync_dir(bundle)  # the switch is on disk before any file it replaced is deleted
     for rel in old:
         (bundle / rel).unlink(missing_ok=True)
     for p in _orphans(bundle, manifest):
