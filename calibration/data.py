@@ -141,3 +141,11 @@ def sample_windows(ids: np.ndarray, samples: int, seq_len: int, seed: int, names
     rank = {int(w): i for i, w in enumerate(chosen)}
     return Windows([ids[i * seq_len:(i + 1) * seq_len].copy() for i in chosen], tokens=len(ids), available=available,
                    draw_order=[rank[int(w)] for w in drawn])
+
+
+def draw(paths: Sequence[Path], encode: Callable[[str], list[int]], eos: int | None, samples: int, seq_len: int,
+         seed: int) -> tuple[list[DataFile], Windows]:
+    """Read, tokenise and sample the data in one go (errors name the file at fault)."""
+    files = load(paths)
+    ids = tokenize(files, encode, eos)
+    return files, sample_windows(ids, samples, seq_len, seed, [f.name for f in files])

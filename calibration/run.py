@@ -131,11 +131,9 @@ def measure(bundle_path: Path, data_paths: Sequence[Path], options: CalibrationO
     if options.collect_inputs:  # before anything slow: the bound is known from the options alone
         require_memory(spec.num_layers, spec.num_experts, spec.hidden_size, options.inputs_per_expert,
                        available_memory())
-    files = data_mod.load(data_paths)
-    tokenizer = TextTokenizer(bundle.tokenizer_path())
     eos = spec.eos_token_ids[0] if spec.eos_token_ids else None
-    ids = data_mod.tokenize(files, tokenizer.encode, eos)
-    sampled = data_mod.sample_windows(ids, options.samples, options.seq_len, options.seed, [f.name for f in files])
+    files, sampled = data_mod.draw(data_paths, TextTokenizer(bundle.tokenizer_path()).encode, eos, options.samples,
+                                   options.seq_len, options.seed)
     notes = []
     if len(sampled.windows) < options.samples:
         notes.append(f"the data hold {sampled.available} windows of {options.seq_len} tokens, fewer than "

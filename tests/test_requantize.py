@@ -23,7 +23,6 @@ from dymoe.manifest import read_manifest, verify_file
 from dymoe.runtime.bundle import Bundle
 from dymoe.runtime.experts import StaticExperts
 from dymoe.runtime.model import MoEModel
-from dymoe.toolchain import export as export_mod
 from dymoe.toolchain import requantize as requantize_mod
 from dymoe.toolchain.export import ExportOptions, export
 from dymoe.toolchain.quantizers import QuantizerOptions
@@ -128,7 +127,7 @@ def test_gptq_lowers_the_error_on_routed_inputs(calibrated, tmp_path):
 def test_interrupted_requantize_leaves_the_bundle_usable_and_resumes(calibrated, tmp_path, monkeypatch):
     bundle = _copy(calibrated, tmp_path)
     manifest_before = (bundle / "manifest.json").read_bytes()
-    real = export_mod.write_expert
+    real = requantize_mod.write_expert
     calls, interrupt_at = [], [10]
 
     def interrupted(*args, **kwargs):
@@ -137,7 +136,7 @@ def test_interrupted_requantize_leaves_the_bundle_usable_and_resumes(calibrated,
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(export_mod, "write_expert", interrupted)
+    monkeypatch.setattr(requantize_mod, "write_expert", interrupted)
     opts = RequantizeOptions(QuantizerOptions("hqq"), progress=False)
     with pytest.raises(KeyboardInterrupt):
         requantize(bundle, opts)

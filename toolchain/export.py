@@ -8,6 +8,7 @@ interruption skips every file the journal vouches for and finishes the bundle.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import platform
@@ -342,14 +343,10 @@ def _check_calibration_data(options: ExportOptions, spec: ModelSpec, folder: Pat
                        available_memory())
     except DymoeError as e:
         raise InputError(e.message, "lower --inputs-per-expert") from None
-    try:
-        paths = [Path(p) for p in options.calibration_data]
-        data_mod.discover(paths)
-        files = data_mod.load(paths)
-        eos = spec.eos_token_ids[0] if spec.eos_token_ids else None
-        ids = data_mod.tokenize(files, TextTokenizer(folder / "tokenizer.json").encode, eos)
-        names = [f.name for f in files]
-        data_mod.sample_windows(ids, calibration.samples, calibration.seq_len, calibration.seed, names)
+    eos = spec.eos_token_ids[0] if spec.eos_token_ids else None
+    try:  # exactly what the calibration pass will do with it
+        data_mod.draw([Path(p) for p in options.calibration_data], TextTokenizer(folder / "tokenizer.json").encode,
+                      eos, calibration.samples, calibration.seq_len, calibration.seed)
     except DymoeError as e:
         raise InputError(f"--calibration-data: {e.message}",
                          "give readable text (plain, JSON Lines with 'text', or folders of them) with at least "
@@ -370,12 +367,18 @@ def _gptq_stage(out: Path, options: ExportOptions) -> Manifest:
         quantizer=QuantizerOptions("gptq", min_tokens=options.gptq_min_tokens), progress=options.progress))
 
 
+# what a journal entry records about a variant besides its file (bytes, sha256): the manifest's fields
+_VARIANT_FACTS = tuple(f.name for f in dataclasses.fields(ExpertVariant) if f.name not in ("path", "precision"))
+
+
 def variant_of(rel: str, precision: str, entry: dict) -> ExpertVariant:
     """The manifest record of one written variant, from its journal entry."""
-    return ExpertVariant(path=rel, precision=precision, weight_rel_error=entry["weight_rel_error"],
-                         output_rel_error=entry["output_rel_error"], quantizer=entry.get("quantizer"),
-                         quantizer_note=entry.get("quantizer_note"), calibration_tokens=entry.get("calibration_tokens"),
-                         routed_output_rel_error=entry.get("routed_output_rel_error"))
+    return ExpertVariant(path=rel, precision=precision, **{k: entry.get(k) for k in _VARIANT_FACTS})
+
+
+def entry_of(variant: ExpertVariant, file: FileEntry) -> dict:
+    """The journal entry of a variant already in a manifest (the inverse of :func:`variant_of`)."""
+    return {"bytes": file.bytes, "sha256": file.sha256, **{k: getattr(variant, k) for k in _VARIANT_FACTS}}
 
 
 def _tool_versions() -> dict[str, str]:

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .hqq import HqqOptions, _codes, fit_params
-from .quantize import SUPPORTED_BITS, QuantizedMatrix
+from .hqq import HqqOptions, fit_params
+from .quantize import SUPPORTED_BITS, QuantizedMatrix, _block_slabs, round_codes
 
 LAZY_ROWS = 128  # rows updated together with one matrix product (GPTQ's "lazy batch")
 
@@ -100,68 +100,42 @@ def quantize_gptq(w: np.ndarray, bits: int, block_size: int, hessian: np.ndarray
     B = block_size
     nb = -(-K // B)
     G = B * max(1, LAZY_ROWS // B)
-    q = np.empty((K, N), dtype=np.uint8)
+    w = np.asarray(w, dtype=np.float32)
     scale = np.empty((nb, N), dtype=np.float32)
-    zero_point = np.empty((nb, N), dtype=np.uint8)
+    zero_point = np.empty((nb, N), dtype=np.float32)  # integer-valued; stored as uint8 at the end
     if options.act_order:
-        _act_order(np.asarray(w, dtype=np.float32), hessian, bits, B, G, options, q, scale, zero_point)
-        return QuantizedMatrix(q=q, scale=scale, zero_point=zero_point, bits=bits, block_size=B, K=K, N=N)
-    u = inverse_factor(hessian, options.damp) if factor is None else factor
+        # static groups: every block's parameters from the original weights, then the rows by
+        # decreasing input energy
+        for r0, r1, b0, b1 in _block_slabs(K, B, N):
+            nblk = b1 - b0
+            scale[b0:b1], zero_point[b0:b1] = fit_params(w[r0:r1].reshape(nblk, (r1 - r0) // nblk, N), bits,
+                                                         options.params)
+        order = np.argsort(-np.diagonal(hessian), kind="stable")
+        u = inverse_factor(np.asarray(hessian)[np.ix_(order, order)], options.damp)
+        W = w[order]  # a copy, in visiting order, updated in place as errors are spread
+    else:
+        order = np.arange(K)
+        u = inverse_factor(hessian, options.damp) if factor is None else factor
+        W = np.array(w, order="C")  # a copy with contiguous rows (w may be a transposed view)
 
-    W = np.array(w, dtype=np.float32, order="C")  # updated in place as errors are spread; rows contiguous
+    q = np.empty((K, N), dtype=np.uint8)
     for g0 in range(0, K, G):
         g1 = min(K, g0 + G)
         Wg = W[g0:g1]  # view: updated row by row below
         err = np.empty((g1 - g0, N), dtype=np.float32)
-        s = z = None
         for i in range(g1 - g0):
             k = g0 + i
-            if k % B == 0:
-                b = k // B
-                blk = Wg[i:i + B][None]
-                s, z = fit_params(blk, bits, options.params)
+            row = order[k]
+            b = row // B
+            if not options.act_order and row % B == 0:  # fitted on the block's updated rows
+                s, z = fit_params(Wg[i:i + B][None], bits, options.params)
                 scale[b], zero_point[b] = s[0], z[0]
-            row = Wg[i:i + 1][None]  # [1, 1, N]
-            code = _codes(row, s, z, qmax)[0, 0]
-            q[k] = code
-            deq = (code - z[0]) * s[0]
-            e = (Wg[i] - deq) / u[k, k]
-            err[i] = e
+            code = round_codes(Wg[i][None, None], scale[b][None], zero_point[b][None], qmax)[0, 0]
+            q[row] = code
+            err[i] = e = (Wg[i] - (code - zero_point[b]) * scale[b]) / u[k, k]
             if i + 1 < g1 - g0:
                 Wg[i + 1:] -= np.outer(u[k, k + 1:g1], e)
         if g1 < K:
             W[g1:] -= u[g0:g1, g1:].T @ err
-    return QuantizedMatrix(q=q, scale=scale, zero_point=zero_point, bits=bits, block_size=B, K=K, N=N)
-
-
-def _act_order(w: np.ndarray, hessian: np.ndarray, bits: int, B: int, G: int, options: GptqOptions,
-               q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray) -> None:
-    """GPTQ over the rows in decreasing ``diag(X^T X)`` order with static block parameters; fills
-    ``q``, ``scale`` and ``zero_point`` (in the original row order)."""
-    from .quantize import _block_slabs
-
-    K, N = w.shape
-    qmax = float((1 << bits) - 1)
-    for r0, r1, b0, b1 in _block_slabs(K, B, N):  # static parameters, on the original weights
-        nblk = b1 - b0
-        s, z = fit_params(w[r0:r1].reshape(nblk, (r1 - r0) // nblk, N), bits, options.params)
-        scale[b0:b1], zero_point[b0:b1] = s, z
-    perm = np.argsort(-np.diagonal(hessian), kind="stable")
-    u = inverse_factor(np.asarray(hessian)[np.ix_(perm, perm)], options.damp)
-    W = w[perm]  # a copy, updated in place
-    zf = zero_point.astype(np.float32)
-    for g0 in range(0, K, G):
-        g1 = min(K, g0 + G)
-        Wg = W[g0:g1]
-        err = np.empty((g1 - g0, N), dtype=np.float32)
-        for i in range(g1 - g0):
-            k = g0 + i
-            b = perm[k] // B
-            code = np.clip(np.rint(Wg[i] / scale[b] + zf[b]), 0.0, qmax)
-            q[perm[k]] = code
-            e = (Wg[i] - (code - zf[b]) * scale[b]) / u[k, k]
-            err[i] = e
-            if i + 1 < g1 - g0:
-                Wg[i + 1:] -= np.outer(u[k, k + 1:g1], e)
-        if g1 < K:
-            W[g1:] -= u[g0:g1, g1:].T @ err
+    return QuantizedMatrix(q=q, scale=scale, zero_point=zero_point.astype(np.uint8), bits=bits, block_size=B,
+                           K=K, N=N)

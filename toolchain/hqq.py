@@ -42,7 +42,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .quantize import SUPPORTED_BITS, QuantizedMatrix, _block_slabs
+from .quantize import SUPPORTED_BITS, QuantizedMatrix, _block_slabs, minmax_params, round_codes
 
 
 @dataclass(frozen=True)
@@ -57,14 +57,6 @@ class HqqOptions:
     kappa: float = 1.01  # beta grows by this factor per iteration
     tol: float = 1e-3  # stop once an iteration removes less than this fraction of the remaining error
     unbiased: bool = True  # step 4: rescale so that <w_q, w> = <w, w> per (block, column)
-
-
-def _codes(wb: np.ndarray, s: np.ndarray, z: np.ndarray, qmax: float) -> np.ndarray:
-    t = np.divide(wb, s[:, None, :], dtype=np.float32)
-    t += z[:, None, :]
-    np.rint(t, out=t)
-    np.clip(t, 0.0, qmax, out=t)
-    return t
 
 
 def _sq_error(wb: np.ndarray, s: np.ndarray, z: np.ndarray, q: np.ndarray, c: np.ndarray | None = None) -> np.ndarray:
@@ -93,13 +85,6 @@ def _salience(wb: np.ndarray, salience: float) -> np.ndarray | None:
     return w2
 
 
-def _minmax(lo: np.ndarray, hi: np.ndarray, qmax: float) -> tuple[np.ndarray, np.ndarray]:
-    s = (hi - lo) / np.float32(qmax)
-    s[s == 0] = 1.0
-    z = np.clip(np.rint(-lo / s), 0.0, qmax).astype(np.float32)
-    return s.astype(np.float32), z
-
-
 def fit_params(wb: np.ndarray, bits: int, options: HqqOptions = HqqOptions()) -> tuple[np.ndarray, np.ndarray]:
     """Scale and integer zero point (as float32) ``[nblk, N]`` for blocks ``wb [nblk, B, N]``."""
     s, z, _ = fit(wb, bits, options)
@@ -113,12 +98,12 @@ def fit(wb: np.ndarray, bits: int, options: HqqOptions = HqqOptions()) -> tuple[
     lo0 = np.minimum(wb.min(axis=1), 0.0)
     hi0 = np.maximum(wb.max(axis=1), 0.0)
     weight = _salience(wb, options.salience)
-    best_s, best_z = _minmax(lo0, hi0, qmax)  # RTN's own parameters: never worse than RTN
-    best_err = _sq_error(wb, best_s, best_z, _codes(wb, best_s, best_z, qmax), weight)
+    best_s, best_z = minmax_params(lo0, hi0, qmax)  # RTN's own parameters: never worse than RTN
+    best_err = _sq_error(wb, best_s, best_z, round_codes(wb, best_s, best_z, qmax), weight)
 
     def consider(s: np.ndarray, z: np.ndarray, q: np.ndarray | None = None) -> float:
         """Keep the better parameters per (block, column); return the total error removed."""
-        err = _sq_error(wb, s, z, _codes(wb, s, z, qmax) if q is None else q.copy(), weight)
+        err = _sq_error(wb, s, z, round_codes(wb, s, z, qmax) if q is None else q.copy(), weight)
         better = err < best_err
         gain = float((best_err[better] - err[better]).sum())
         best_err[better] = err[better]
@@ -128,10 +113,10 @@ def fit(wb: np.ndarray, bits: int, options: HqqOptions = HqqOptions()) -> tuple[
 
     for shrink in options.grid:
         if shrink != 1.0:
-            consider(*_minmax(lo0 * np.float32(shrink), hi0 * np.float32(shrink), qmax))
+            consider(*minmax_params(lo0 * np.float32(shrink), hi0 * np.float32(shrink), qmax))
 
     s, z = best_s.copy(), best_z.copy()
-    q = _codes(wb, s, z, qmax) if options.iters else None
+    q = round_codes(wb, s, z, qmax) if options.iters else None
     beta = options.beta
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         for _ in range(options.iters):
@@ -157,11 +142,11 @@ def fit(wb: np.ndarray, bits: int, options: HqqOptions = HqqOptions()) -> tuple[
             ok &= np.isfinite(s_new) & (s_new > 0)
             s = np.where(ok, s_new, s).astype(np.float32)
             z = np.where(ok, z_new, z).astype(np.float32)
-            q = _codes(wb, s, z, qmax)
+            q = round_codes(wb, s, z, qmax)
             if consider(s, z, q) <= options.tol * float(best_err.sum()):
                 break  # HQQ's own stopping rule: the error stopped falling
             beta *= options.kappa
-    q = _codes(wb, best_s, best_z, qmax)
+    q = round_codes(wb, best_s, best_z, qmax)
     if options.unbiased:
         what = (q - best_z[:, None, :]) * best_s[:, None, :]
         energy = np.einsum("bkn,bkn->bn", wb, wb, dtype=np.float64)

@@ -85,6 +85,24 @@ def _block_slabs(K: int, block_size: int, N: int):
         yield nfull * block_size, K, nfull, nfull + 1
 
 
+def minmax_params(lo: np.ndarray, hi: np.ndarray, qmax: float) -> tuple[np.ndarray, np.ndarray]:
+    """Scale and zero point (float32, integer-valued) for the range ``[lo, hi]`` (``lo <= 0 <= hi``)."""
+    s = ((hi - lo) / np.float32(qmax)).astype(np.float32, copy=False)
+    s[s == 0] = 1.0  # all-zero block (lo == hi == 0): code 0 == zero point
+    zp = np.clip(np.rint(-lo / s), 0.0, qmax).astype(np.float32, copy=False)
+    return s, zp
+
+
+def round_codes(wb: np.ndarray, s: np.ndarray, zp: np.ndarray, qmax: float) -> np.ndarray:
+    """Float32 codes ``clip(rint(w / s) + zp, 0, qmax)`` of blocks ``wb [nblk, B, N]`` given
+    ``s, zp [nblk, N]``; one slab-sized temporary, updated in place."""
+    t = np.divide(wb, s[:, None, :], dtype=np.float32)
+    np.rint(t, out=t)
+    t += zp[:, None, :]
+    np.clip(t, 0.0, qmax, out=t)
+    return t
+
+
 def quantize_rtn(w: np.ndarray, bits: int, block_size: int) -> QuantizedMatrix:
     """Quantize ``w`` (``[K, N]``, float) along K in blocks of ``block_size``.
 
@@ -111,16 +129,8 @@ def quantize_rtn(w: np.ndarray, bits: int, block_size: int) -> QuantizedMatrix:
         wb = w[r0:r1].reshape(nblk, rows // nblk, N)  # splitting one axis: still a view
         lo = np.minimum(wb.min(axis=1), 0.0).astype(np.float32, copy=False)
         hi = np.maximum(wb.max(axis=1), 0.0).astype(np.float32, copy=False)
-        s = (hi - lo) / np.float32(qmax)
-        s[s == 0] = 1.0  # all-zero block (lo == hi == 0): code 0 == zero point
-        zp = np.clip(np.rint(-lo / s), 0.0, qmax)
-
-        # One float32 slab temporary, updated in place.
-        t = np.divide(wb, s[:, None, :], dtype=np.float32)
-        np.rint(t, out=t)
-        t += zp[:, None, :]
-        np.clip(t, 0.0, qmax, out=t)
-        q[r0:r1] = t.reshape(rows, N)  # cast float -> uint8 (values are exact integers)
+        s, zp = minmax_params(lo, hi, qmax)
+        q[r0:r1] = round_codes(wb, s, zp, qmax).reshape(rows, N)  # float -> uint8 (exact integers)
 
         scale[b0:b1] = s
         zero_point[b0:b1] = zp

@@ -25,12 +25,12 @@ from dymoe.manifest import FileEntry, Manifest, read_manifest, read_verified
 
 from .expert_graph import BITS, PRECISIONS
 from .expert_weights import expert_weights
+from .export import FORMATS, entry_of, variant_of, write_expert
 from .journal import Journal, read_journal
 from .quantizers import QuantizerOptions, RoutedInputs
 
 JOURNAL = ".dymoe-requantize.jsonl"
 FLOAT_SOURCES = ("fp32", "fp16")  # where the weights are read from, best first
-FORMATS = {"int8": "qdq", "int4": "qdq", "int2": "matmulnbits"}
 
 
 @dataclass(frozen=True)
@@ -98,25 +98,19 @@ def _fingerprint(manifest: Manifest, source: str, targets: tuple[str, ...], opti
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def _entry_of(v, f: FileEntry) -> dict:
-    """A journal entry for a variant already in the manifest."""
-    return {"bytes": f.bytes, "sha256": f.sha256, "weight_rel_error": v.weight_rel_error,
-            "output_rel_error": v.output_rel_error, "quantizer": v.quantizer, "quantizer_note": v.quantizer_note,
-            "calibration_tokens": v.calibration_tokens, "routed_output_rel_error": v.routed_output_rel_error}
-
-
-def _orphans(bundle: Path, manifest: Manifest) -> list[Path]:
-    """Expert files on disk that the manifest no longer lists (left by a requantize that was
-    interrupted after its manifest swap)."""
+def _clean_up(bundle: Path, manifest: Manifest) -> None:
+    """Delete the expert files ``manifest`` no longer lists (the replaced variants, or those left by a
+    run stopped after its manifest swap), then the journal."""
     experts = bundle / "experts"
     listed = set(manifest.files)
-    return [p for p in experts.rglob("*.onnx") if str(p.relative_to(bundle)) not in listed] if experts.is_dir() else []
+    for p in experts.rglob("*.onnx") if experts.is_dir() else ():
+        if str(p.relative_to(bundle)) not in listed:
+            p.unlink()
+    (bundle / JOURNAL).unlink(missing_ok=True)
 
 
 def requantize(bundle: Path, options: RequantizeOptions = RequantizeOptions()) -> Manifest:
     """Rewrite (or add) the integer variants of ``bundle`` with ``options.quantizer``."""
-    from .export import variant_of, write_expert
-
     bundle = Path(bundle)
     manifest = read_manifest(bundle)
     targets = _targets(manifest, options)
@@ -126,9 +120,7 @@ def requantize(bundle: Path, options: RequantizeOptions = RequantizeOptions()) -
     fingerprint = _fingerprint(manifest, source, targets, options, inputs_meta.files if inputs_meta else [])
     tag = fingerprint[:12]
     if manifest.quantization.revision == tag:  # already requantized with exactly these settings and inputs
-        for p in _orphans(bundle, manifest):  # finish the cleanup of a run stopped after its manifest swap
-            p.unlink()
-        (bundle / JOURNAL).unlink(missing_ok=True)
+        _clean_up(bundle, manifest)  # finishes a run stopped after its manifest swap
         return manifest
 
     previous, done = read_journal(bundle / JOURNAL)
@@ -144,7 +136,7 @@ def requantize(bundle: Path, options: RequantizeOptions = RequantizeOptions()) -
         for p in targets:
             v = entry.variants.get(p)
             if v is not None and v.path == variant_path(entry.layer, entry.expert, p, qopts.name, tag):
-                done[v.path] = _entry_of(v, manifest.files[v.path])
+                done[v.path] = entry_of(v, manifest.files[v.path])
     for stale in (bundle / "experts").rglob(".*.tmp"):
         stale.unlink()
     journal = Journal(bundle / JOURNAL, fingerprint, done)
@@ -182,8 +174,7 @@ def requantize(bundle: Path, options: RequantizeOptions = RequantizeOptions()) -
                 old.add(entry.variants[p].path)
             entry.variants[p] = variant_of(rel, p, done[rel])
         entry.variants = {p: entry.variants[p] for p in PRECISIONS if p in entry.variants}
-    old -= set(done)  # a name both old and new is the same file: keep it
-    for rel in old:
+    for rel in old - set(done):  # a name both old and new is the same file: keep it
         manifest.files.pop(rel, None)
     for rel in done:
         manifest.files[rel] = FileEntry(bytes=done[rel]["bytes"], sha256=done[rel]["sha256"])
@@ -194,9 +185,6 @@ def requantize(bundle: Path, options: RequantizeOptions = RequantizeOptions()) -
     q.method, q.revision = qopts.name, tag
     manifest.write(bundle)  # the one atomic switch from the old variants to the new
     fsync_dir(bundle)  # the switch is on disk before any file it replaced is deleted
-    for rel in old:
-        (bundle / rel).unlink(missing_ok=True)
-    for p in _orphans(bundle, manifest):
-        p.unlink()
-    journal.remove()
+    journal.close()
+    _clean_up(bundle, manifest)
     return manifest
