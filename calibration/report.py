@@ -9,8 +9,8 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-from dymoe.errors import DymoeError
-from dymoe.fsutil import atomic_write_bytes, atomic_write_text
+from dymoe.errors import DymoeError, InputError
+from dymoe.fsutil import atomic_write_bytes, atomic_write_text, check_output_dir
 
 from .schema import Calibration
 from .sensitivity import SKIP
@@ -37,11 +37,21 @@ def require_matplotlib():
     return plt
 
 
+def check_report_folder(folder: Path) -> Path:
+    """The report goes into a new or empty folder, or one holding an earlier report (its
+    ``report.md``): never among someone else's files, whose names it might share."""
+    folder = check_output_dir(folder, "--report")
+    if folder.is_dir() and any(folder.iterdir()) and not (folder / REPORT_MD).is_file():
+        raise InputError(f"--report {folder} is not empty and holds no dymoe calibration report",
+                         "choose a new or empty folder for the report")
+    return folder
+
+
 def write_report(cal: Calibration, folder: Path, seconds: dict[str, float] | None = None,
                  source: str = "calibration.json") -> list[Path]:
     """Write the PNGs and ``report.md`` into ``folder``; return the paths written."""
     plt = require_matplotlib()
-    folder = Path(folder)
+    folder = check_report_folder(folder)
     folder.mkdir(parents=True, exist_ok=True)
     written = []
     for key, draw in (("importance", _importance), ("skew", _skew), ("sensitivity", _sensitivity),

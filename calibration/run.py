@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 import signal
 import threading
 import time
@@ -26,9 +27,12 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 import dymoe
+from dymoe.bundle_folder import remove_listed
 from dymoe.errors import BundleError, InputError
-from dymoe.fsutil import atomic_write_bytes, atomic_write_text
-from dymoe.manifest import FileEntry, Manifest, read_manifest
+from dymoe.fsutil import atomic_write_bytes, atomic_write_text, require_free_space
+from dymoe.lock import bundle_lock
+from dymoe.manifest import FileEntry, Manifest, check_confined, read_manifest
+from dymoe.paths import real_subdir, resolve
 from dymoe.runtime.bundle import Bundle
 from dymoe.runtime.model import MoEModel
 from dymoe.runtime.tokenizer import TextTokenizer
@@ -37,7 +41,7 @@ from . import data as data_mod
 from . import schedule as sched
 from .bank import ExpertBank
 from .collect import CollectingExperts, ReferenceCache
-from .inputs import InputRecorder, available_memory, require_memory
+from .inputs import InputRecorder, available_memory, memory_bound, require_memory
 from .options import CALIBRATION_NAME, INPUTS_DIRNAME, CalibrationOptions
 from .predict import PredictionTally, read_routers
 from .schema import (
@@ -296,33 +300,55 @@ def commit(bundle_path: Path, measured: Measured | Calibration) -> Path:
     calibration, inputs = (measured.calibration, measured.inputs) if isinstance(measured, Measured) else (measured, {})
     if sorted(calibration.expert_inputs.files if calibration.expert_inputs else []) != sorted(inputs):
         raise ValueError("calibration.expert_inputs and the input files to write disagree (commit the Measured)")
-    manifest = read_manifest(bundle_path)  # fresh: another tool may have rewritten it meanwhile
-    if manifest.source.fingerprint_sha256 != calibration.bundle.source_fingerprint_sha256:
-        raise BundleError(f"{bundle_path} was re-exported from other weights while calibration ran",
-                          "rerun dymoe calibrate")
     text = calibration.to_json()
-    with _deferred_interrupt():
-        for rel, data in inputs.items():
-            manifest.files[rel] = FileEntry(bytes=len(data), sha256=atomic_write_bytes(bundle_path / rel, data))
+    with bundle_lock(bundle_path, "calibrate"), _deferred_interrupt():
+        manifest = read_manifest(bundle_path)  # fresh: another tool may have rewritten it meanwhile
+        if manifest.source.fingerprint_sha256 != calibration.bundle.source_fingerprint_sha256:
+            raise BundleError(f"{bundle_path} was re-exported from other weights while calibration ran",
+                              "rerun dymoe calibrate")
+        check_confined(bundle_path, manifest)
         stale = _stale_inputs(bundle_path, manifest, set(inputs))
+        targets = {rel: resolve(bundle_path, rel) for rel in [*inputs, CALIBRATION_NAME]}  # all checked first
+        for rel, data in inputs.items():
+            manifest.files[rel] = FileEntry(bytes=len(data), sha256=atomic_write_bytes(targets[rel], data))
         for rel in stale:
             manifest.files.pop(rel, None)
-        sha = atomic_write_text(bundle_path / CALIBRATION_NAME, text)
+        sha = atomic_write_text(targets[CALIBRATION_NAME], text)
         manifest.files[CALIBRATION_NAME] = FileEntry(bytes=len(text.encode("utf-8")), sha256=sha)
         manifest.files = dict(sorted(manifest.files.items()))
         manifest.calibration = CALIBRATION_NAME
         manifest.write(bundle_path)
-        for rel in stale:
-            (bundle_path / rel).unlink(missing_ok=True)
-        with contextlib.suppress(OSError):  # only when empty
-            (bundle_path / INPUTS_DIRNAME).rmdir()
+        remove_listed(bundle_path, stale)
     return bundle_path / CALIBRATION_NAME
 
 
+_INPUT_FILE = re.compile(r"^layer_\d{3,}\.safetensors$")  # inputs.layer_file's names
+
+
 def _stale_inputs(bundle_path: Path, manifest: Manifest, keep: set[str]) -> list[str]:
-    """Input files listed in the manifest or lying in the inputs folder (left by a crash between the
-    manifest write and the deletion) that ``keep`` does not hold."""
-    folder = bundle_path / INPUTS_DIRNAME
+    """Input files listed in the manifest, or left in the bundle's own inputs folder under the
+    names dymoe gives them (by a crash between the manifest write and the deletion), that ``keep``
+    does not hold. A linked folder's contents are never considered."""
     listed = {rel for rel in manifest.files if rel.startswith(f"{INPUTS_DIRNAME}/")}
-    on_disk = {f"{INPUTS_DIRNAME}/{p.name}" for p in folder.iterdir() if p.is_file()} if folder.is_dir() else set()
+    folder = real_subdir(bundle_path, INPUTS_DIRNAME)
+    on_disk = set()
+    if folder is not None and not (bundle_path / INPUTS_DIRNAME).is_symlink():
+        on_disk = {f"{INPUTS_DIRNAME}/{p.name}" for p in folder.iterdir()
+                   if _INPUT_FILE.match(p.name) and p.is_file() and not p.is_symlink()}
     return sorted((listed | on_disk) - keep)
+
+
+def calibrate(bundle_path: Path, data_paths: Sequence[Path], options: CalibrationOptions = CalibrationOptions(),
+              progress: bool = False) -> tuple[Measured, Path]:
+    """Measure and commit, holding the bundle's writer lock throughout: a second writer is told
+    at once, and a bundle that cannot be written fails before the measurement, not after."""
+    bundle_path = Path(bundle_path)
+    manifest = read_manifest(bundle_path)
+    with bundle_lock(bundle_path, "calibrate"):
+        if options.collect_inputs:
+            s = manifest.model
+            require_free_space(bundle_path, memory_bound(s.num_layers, s.num_experts, s.hidden_size,
+                                                         options.inputs_per_expert),
+                               "--collect-inputs", "free some space, or lower --inputs-per-expert")
+        measured = measure(bundle_path, data_paths, options, progress)
+        return measured, commit(bundle_path, measured)

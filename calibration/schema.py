@@ -19,6 +19,7 @@ from pathlib import Path
 
 from dymoe.errors import BundleError
 from dymoe.manifest import Manifest, from_dict, read_verified
+from dymoe.paths import check_relative
 
 from .options import CALIBRATION_NAME, FLOAT_DIGITS
 from .stats import round_sig
@@ -211,4 +212,10 @@ def read_calibration(bundle: Path, manifest: Manifest) -> Calibration:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
         raise BundleError(f"{Path(bundle) / manifest.calibration} is not UTF-8", "rerun dymoe calibrate") from None
-    return parse(text, str(Path(bundle) / manifest.calibration))
+    cal = parse(text, str(Path(bundle) / manifest.calibration))
+    for i, rel in enumerate(cal.expert_inputs.files if cal.expert_inputs else []):
+        check_relative(rel, f"calibration.json: expert_inputs.files[{i}]")
+        if rel not in manifest.files:
+            raise BundleError(f"calibration.json names input file {rel!r}, which manifest.json does not list",
+                              "rerun: dymoe calibrate BUNDLE --data TEXT --collect-inputs")
+    return cal

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from dymoe import defaults
 from dymoe.errors import DymoeError
+from dymoe.paths import resolve_file
 
 DEMO_PRECISIONS = ("fp32", "fp16", "int8", "int4", "int2")
 DEMO_PROMPT = "The for statement is used to"
@@ -48,8 +49,11 @@ def demo_heldout_for(bundle: Path) -> Path | None:
         folder = demo_model_dir()
     except DymoeError:
         return None
-    ours = Path(bundle) / "tokenizer" / "tokenizer.json"
-    if ours.is_file() and ours.read_bytes() == (folder / "tokenizer.json").read_bytes():
+    try:
+        ours = resolve_file(Path(bundle), "tokenizer/tokenizer.json")
+    except DymoeError:
+        return None
+    if ours.read_bytes() == (folder / "tokenizer.json").read_bytes():
         return folder / "heldout.txt"
     return None
 

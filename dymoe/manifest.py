@@ -17,12 +17,16 @@ from typing import Any
 
 from dymoe.errors import BundleError, ChecksumError
 from dymoe.fsutil import atomic_write_text, sha256_file
+from dymoe.paths import check_relative, is_sha256, resolve, resolve_file
 
 SCHEMA_VERSION = 2
 # 1: before each quantized variant recorded its quantizer (all of them were round-to-nearest);
 # read by filling that in, written back as 2.
 READABLE_SCHEMA_VERSIONS = (1, 2)
 MANIFEST_NAME = "manifest.json"
+KNOWN_PRECISIONS = ("fp32", "fp16", "int8", "int4", "int2")  # highest first
+KNOWN_FORMATS = ("float", "qdq", "matmulnbits")
+QK_NORMS = ("none", "head", "full")
 
 
 @dataclass
@@ -52,6 +56,41 @@ class ModelSpec:
     tie_word_embeddings: bool
     bos_token_id: int | None
     eos_token_ids: list[int]
+
+
+_POSITIVE = ("hidden_size", "vocab_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "num_experts",
+             "top_k", "expert_intermediate_size", "max_position_embeddings")
+
+
+def spec_problems(s: ModelSpec) -> list[tuple[str, str]]:
+    """Every way ``s`` describes an impossible model, as ``(field, what is wrong)``; the export
+    checks a checkpoint's config with it, and the reader checks every manifest."""
+    out = [(f, f"is {getattr(s, f)}, must be at least 1") for f in _POSITIVE if getattr(s, f) < 1]
+    bad = {f for f, _ in out}
+    if "num_experts" not in bad and "top_k" not in bad and s.top_k > s.num_experts:
+        out.append(("top_k", f"is {s.top_k}, more than the {s.num_experts} experts per layer"))
+    if "num_heads" not in bad and "num_kv_heads" not in bad and s.num_heads % s.num_kv_heads:
+        out.append(("num_kv_heads", f"is {s.num_kv_heads}, which does not divide the {s.num_heads} attention heads"))
+    if "head_dim" not in bad and s.head_dim % 2:
+        out.append(("head_dim", f"is {s.head_dim}; the rotary embedding needs an even head size"))
+    if s.shared_intermediate_size < 0:
+        out.append(("shared_intermediate_size", f"is {s.shared_intermediate_size}, must not be negative"))
+    for f in ("rms_norm_eps", "rope_theta"):
+        v = getattr(s, f)
+        if not (v > 0 and v < float("inf")):
+            out.append((f, f"is {v}, must be a positive number"))
+    if s.sliding_window is not None and s.sliding_window < 1:
+        out.append(("sliding_window", f"is {s.sliding_window}, must be at least 1 (or absent)"))
+    if s.clip_qkv is not None and not s.clip_qkv > 0:
+        out.append(("clip_qkv", f"is {s.clip_qkv}, must be positive (or absent)"))
+    if s.qk_norm not in QK_NORMS:
+        out.append(("qk_norm", f"is {s.qk_norm!r}, must be one of {', '.join(QK_NORMS)}"))
+    for i, t in enumerate(s.eos_token_ids):
+        if not 0 <= t < max(s.vocab_size, 1):
+            out.append((f"eos_token_ids[{i}]", f"is {t}, outside the vocabulary of {s.vocab_size}"))
+    if s.bos_token_id is not None and not 0 <= s.bos_token_id < max(s.vocab_size, 1):
+        out.append(("bos_token_id", f"is {s.bos_token_id}, outside the vocabulary of {s.vocab_size}"))
+    return out
 
 
 @dataclass
@@ -223,6 +262,7 @@ def read_manifest(bundle: Path) -> Manifest:
             "re-export the bundle with this dymoe version",
         )
     manifest = from_dict(Manifest, data)
+    check_manifest(manifest)
     if version == 1:
         for entry in manifest.experts:
             for v in entry.variants.values():
@@ -232,12 +272,69 @@ def read_manifest(bundle: Path) -> Manifest:
     return manifest
 
 
+def _corrupt(what: str) -> BundleError:
+    return BundleError(f"manifest.json: {what}", "the bundle is corrupt or was not written by dymoe; re-export it")
+
+
+def check_manifest(m: Manifest) -> None:
+    """Everything the manifest names must be consistent before anything is opened: file names
+    are plain relative paths with a sha256 each, every referenced file is listed, the model is
+    possible, and every expert has every precision the bundle declares."""
+    for rel, f in m.files.items():
+        check_relative(rel, "manifest.json: files entry")
+        if not is_sha256(f.sha256):
+            raise _corrupt(f"files[{rel!r}].sha256 is not a sha256 hex digest")
+        if f.bytes < 0:
+            raise _corrupt(f"files[{rel!r}].bytes is negative")
+    if not is_sha256(m.source.fingerprint_sha256):
+        raise _corrupt("source.fingerprint_sha256 is not a sha256 hex digest")
+    problems = spec_problems(m.model)
+    if problems:
+        field_name, what = problems[0]
+        raise _corrupt(f"model.{field_name} {what}")
+    q = m.quantization
+    unknown = [p for p in q.precisions if p not in KNOWN_PRECISIONS]
+    if unknown or not q.precisions or len(set(q.precisions)) != len(q.precisions):
+        raise _corrupt(f"quantization.precisions {q.precisions} must be distinct names from "
+                       f"{', '.join(KNOWN_PRECISIONS)}")
+    if sorted(q.formats) != sorted(q.precisions) or any(v not in KNOWN_FORMATS for v in q.formats.values()):
+        raise _corrupt(f"quantization.formats {q.formats} must give one of {', '.join(KNOWN_FORMATS)} per precision")
+    refs = [("backbone.embed", m.backbone.embed), ("backbone.head", m.backbone.head),
+            *((f"backbone.layers[{i}]", r) for i, r in enumerate(m.backbone.layers)),
+            *((f"tokenizer[{i}]", r) for i, r in enumerate(m.tokenizer))]
+    if m.calibration is not None:
+        refs.append(("calibration", m.calibration))
+    if len(m.backbone.layers) != m.model.num_layers:
+        raise _corrupt(f"backbone.layers lists {len(m.backbone.layers)} graphs for {m.model.num_layers} layers")
+    E = m.model.num_experts
+    if len(m.experts) != m.model.num_layers * E:
+        raise _corrupt(f"experts lists {len(m.experts)} entries, expected {m.model.num_layers} x {E}")
+    for i, entry in enumerate(m.experts):
+        if (entry.layer, entry.expert) != divmod(i, E):
+            raise _corrupt(f"experts[{i}] is layer {entry.layer} expert {entry.expert}, expected {divmod(i, E)}")
+        if sorted(entry.variants) != sorted(q.precisions):
+            raise _corrupt(f"experts[{i}] has variants {sorted(entry.variants)}, expected {q.precisions}")
+        for p, v in entry.variants.items():
+            if v.precision != p:
+                raise _corrupt(f"experts[{i}].variants.{p}.precision is {v.precision!r}")
+            refs.append((f"experts[{i}].variants.{p}.path", v.path))
+    for where, rel in refs:
+        check_relative(rel, f"manifest.json: {where}")
+        if rel not in m.files:
+            raise _corrupt(f"{where} names {rel!r}, which files does not list")
+
+
+def check_confined(bundle: Path, manifest: Manifest) -> None:
+    """Every file the manifest lists resolves inside the bundle (no symbolic link out of it):
+    writers check this before they change or delete anything."""
+    for rel in manifest.files:
+        resolve(bundle, rel, "manifest.json: files entry")
+
+
 def verify_file(bundle: Path, manifest: Manifest, rel: str) -> Path:
-    """Check one bundle file's size and sha256 against the manifest; return its path."""
+    """Check one bundle file's size and sha256 against the manifest; return its (real) path."""
     entry = file_entry(manifest, rel)
-    path = Path(bundle) / rel
-    if not path.is_file():
-        raise BundleError(f"bundle file missing: {path}", "re-export the bundle (or restore the file)")
+    path = resolve_file(bundle, rel)
     size = path.stat().st_size
     if size != entry.bytes or sha256_file(path) != entry.sha256:
         raise ChecksumError(
@@ -272,9 +369,10 @@ def check_bytes(bundle: Path, manifest: Manifest, rel: str, data: bytes) -> byte
 def read_verified(bundle: Path, manifest: Manifest, rel: str) -> bytes:
     """Read a bundle file once, checking its size and sha256; the bytes go straight to ORT."""
     file_entry(manifest, rel)
-    path = Path(bundle) / rel
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise BundleError(f"bundle file missing: {path}", "re-export the bundle (or restore the file)") from None
+    data = resolve_file(bundle, rel).read_bytes()
     return check_bytes(bundle, manifest, rel, data)
+
+
+def bundle_path(bundle: Path, rel: str) -> Path:
+    """Where ``rel`` lives, confined to the bundle (for files about to be written or read later)."""
+    return resolve(bundle, rel)

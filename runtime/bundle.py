@@ -6,6 +6,7 @@ from pathlib import Path
 
 from dymoe.errors import BundleError, InputError
 from dymoe.manifest import Manifest, read_manifest, read_verified
+from dymoe.paths import resolve_file
 
 from .sessions import backbone_threads, create_session
 
@@ -46,4 +47,4 @@ class Bundle:
         if rel not in self.manifest.tokenizer:
             raise BundleError(f"bundle {self.path} has no tokenizer", "re-export from a folder with tokenizer.json")
         self.read(rel)  # verify the checksum before trusting it
-        return self.path / rel
+        return resolve_file(self.path, rel)

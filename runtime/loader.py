@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from dymoe.errors import BundleError
 from dymoe.manifest import check_bytes, file_entry
+from dymoe.paths import resolve_file
 
 from .bundle import Bundle
 from .engine_cache import CACHED_PRECISIONS, EngineCache
@@ -53,9 +54,9 @@ class Loader:
         """Read, verify and build one expert engine in the calling thread."""
         rel = self.bundle.expert_rel(layer, expert, precision)
         entry = file_entry(self.bundle.manifest, rel)
-        path = self.bundle.path / rel
+        path = resolve_file(self.bundle.path, rel)  # confined to the bundle, symbolic links followed
         cache = self.engine_cache if precision in CACHED_PRECISIONS and not self.session_config else None
-        hit = cache.lookup(entry.sha256, path) if cache and path.is_file() else None
+        hit = cache.lookup(entry.sha256, path) if cache else None
         if hit is not None:
             cached, digest = hit
             result = self.storage.read(cached)

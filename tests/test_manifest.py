@@ -32,6 +32,11 @@ from dymoe.manifest import (
 FILES = {
     "backbone/embed.onnx": b"embed graph bytes",
     "backbone/layer0.onnx": b"layer zero",
+    "backbone/layer1.onnx": b"layer one",
+    "backbone/head.onnx": b"head",
+    "tokenizer.json": b"{}",
+    **{f"experts/l{layer}e{e}.{p}.onnx": f"expert {layer} {e} {p}".encode() for layer in range(2) for e in range(2)
+       for p in ("fp16", "int4")},
     "experts/l0e0.int4.onnx": bytes(range(256)) * 3,
 }
 
@@ -175,8 +180,7 @@ GOOD_EDITS = [
     (("model", "sliding_window"), None, lambda m: m.model.sliding_window is None),
     (("model", "clip_qkv"), 30, lambda m: m.model.clip_qkv == 30.0 and type(m.model.clip_qkv) is float),
     (("model", "bos_token_id"), 7, lambda m: m.model.bos_token_id == 7),
-    (("files",), DELETE, lambda m: m.files == {}),
-    (("experts", 0, "variants"), {}, lambda m: m.experts[0].variants == {}),
+    (("quantization", "formats", "int4"), "qdq", lambda m: m.quantization.formats["int4"] == "qdq"),
 ]
 
 
@@ -185,6 +189,37 @@ def test_strict_reader_accepts(path, value, check, tmp_path):
     data = json.loads(write_bundle(tmp_path).to_json())
     (tmp_path / MANIFEST_NAME).write_text(json.dumps(edited(data, path, value)))
     assert check(read_manifest(tmp_path))
+
+
+# Well-formed JSON that names impossible or unsafe things: refused before any file is opened.
+BAD_CONTENT = [
+    (("files",), DELETE, "which files does not list"),
+    (("experts", 0, "variants"), {}, "experts[0] has variants"),
+    (("backbone", "head"), "../head.onnx", "'..'"),
+    (("backbone", "head"), "/etc/passwd", "is absolute"),
+    (("files", "../x.onnx"), {"bytes": 1, "sha256": "ab" * 32}, "'..'"),
+    (("files", "a\\b.onnx"), {"bytes": 1, "sha256": "ab" * 32}, "backslash"),
+    (("files", "backbone/embed.onnx", "sha256"), "../../x", "not a sha256"),
+    (("source", "fingerprint_sha256"), "xyz", "not a sha256"),
+    (("model", "top_k"), 3, "more than the 2 experts"),
+    (("model", "top_k"), 0, "top_k is 0"),
+    (("model", "num_kv_heads"), 3, "does not divide"),
+    (("model", "rms_norm_eps"), -1.0, "rms_norm_eps"),
+    (("quantization", "precisions"), ["fp16", "int3"], "quantization.precisions"),
+    (("quantization", "formats", "int4"), "exe", "quantization.formats"),
+    (("experts", 1, "expert"), 0, "experts[1] is layer 0 expert 0"),
+]
+
+
+@pytest.mark.parametrize("path,value,needle", BAD_CONTENT,
+                         ids=[f"{'.'.join(map(str, p))}={v!r}" for p, v, _ in BAD_CONTENT])
+def test_impossible_or_unsafe_manifest_is_refused(path, value, needle, tmp_path):
+    data = json.loads(write_bundle(tmp_path).to_json())
+    (tmp_path / MANIFEST_NAME).write_text(json.dumps(edited(data, path, value)))
+    with pytest.raises(BundleError) as e:
+        read_manifest(tmp_path)
+    assert needle in e.value.message, e.value.message
+    assert e.value.hint
 
 
 @pytest.mark.parametrize("content", [b"{", b"", b"\xff\xfe{}", b"[1, 2]", b'"manifest"', b"null"])

@@ -83,6 +83,20 @@ def probe_input(H: int) -> np.ndarray:
     return np.random.default_rng(0).standard_normal((16, H)).astype(np.float32)
 
 
+def expected_bytes(H: int, I: int, precision: str, block_size: int) -> int:
+    """About how many bytes one expert's graph takes on disk at ``precision`` (codes, scales and
+    zero points; the graph's own overhead is a few hundred bytes): for disk-space checks."""
+    n = 3 * H * I
+    if precision not in BITS:
+        return n * (4 if precision == "fp32" else 2)
+    bits = BITS[precision]
+    total = 0
+    for K, N in ((H, I), (H, I), (I, H)):
+        nb = -(-K // block_size)
+        total += nb * block_size * N * bits // 8 + nb * N * 4 + -(-nb * bits // 8) * N
+    return total
+
+
 def _check_precision(precision: str, fmt: str | None) -> str | None:
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")

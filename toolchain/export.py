@@ -12,9 +12,7 @@ import dataclasses
 import hashlib
 import json
 import platform
-import shutil
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -23,9 +21,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 import dymoe
 from dymoe import defaults
+from dymoe.bundle_folder import folder_state, foreign_error, remove_listed, remove_temp_files
+from dymoe.calibration.inputs import memory_bound
 from dymoe.calibration.options import INPUTS_PER_EXPERT
 from dymoe.errors import BundleError, CheckpointError, InputError
-from dymoe.fsutil import atomic_write_bytes, sha256_file
+from dymoe.fsutil import atomic_write_bytes, require_free_space, sha256_file
+from dymoe.journal import Journal
+from dymoe.lock import bundle_lock
 from dymoe.manifest import (
     MANIFEST_NAME,
     SCHEMA_VERSION,
@@ -38,12 +40,13 @@ from dymoe.manifest import (
     Quantization,
     Source,
 )
+from dymoe.paths import resolve
+from dymoe.workers import worker_pool
 
 from . import backbone_graph
 from .archs import get_architecture
 from .checkpoint import TOKENIZER_FILES, Checkpoint, resolve_model_path
-from .expert_graph import BITS, PRECISIONS, build_expert_model
-from .journal import Journal, read_journal
+from .expert_graph import BITS, PRECISIONS, build_expert_model, expected_bytes
 from .layout import Ref, check_coverage
 from .quantizers import FALLBACK, QUANTIZERS, QuantizerOptions, quantize_expert
 
@@ -127,7 +130,7 @@ def _read(ckpt: Checkpoint, ref: Ref):
 
 def _write_model(out: Path, rel: str, model) -> dict:
     data = model.SerializeToString()
-    sha = atomic_write_bytes(out / rel, data)
+    sha = atomic_write_bytes(resolve(out, rel), data)
     return {"bytes": len(data), "sha256": sha}
 
 
@@ -193,41 +196,44 @@ def _fingerprint(ckpt: Checkpoint, precisions: tuple[str, ...], block_size: int,
 
 
 def _prepare_out(out: Path, fingerprint: str, force: bool) -> dict[str, dict]:
-    """Return the journal's finished files (empty for a fresh export)."""
-    journal = out / JOURNAL
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out} is a file", "choose a folder for the bundle")
-    if (out / MANIFEST_NAME).exists():
+    """Make ``out`` ready for this export (the caller holds its lock); return the files an
+    interrupted run of the very same export already finished (empty for a fresh export)."""
+    state = folder_state(out, JOURNAL)
+    if state.kind == "foreign":
+        raise foreign_error(out, state)
+    if state.kind == "bundle":
         if not force:
-            raise BundleError(
-                f"{out} already holds a complete bundle",
-                "pass --force to overwrite it, or choose another --out",
-            )
-        shutil.rmtree(out)
-    elif journal.exists():
-        previous, done = read_journal(journal)
-        if previous == fingerprint and not force:
-            for stale in out.rglob(".*.tmp"):  # half-written files of the interrupted run
-                stale.unlink()
-            return done
+            raise BundleError(f"{out} already holds a complete bundle",
+                              "pass --force to replace it, or choose another --out")
+        m = state.manifest
+        remove_listed(out, [*m.files, MANIFEST_NAME, *_journals_of(out)])
+    elif state.kind == "unfinished":
+        if state.journal_fingerprint == fingerprint and not force:
+            remove_temp_files(out)  # half-written files of the interrupted run
+            return state.journal_files
         if not force:
             raise BundleError(
                 f"{out} holds an unfinished export of a different checkpoint or options",
                 "rerun with the original options to resume, or pass --force to start over",
             )
-        shutil.rmtree(out)
-    elif out.exists() and any(out.iterdir()):
-        raise InputError(
-            f"--out {out} is not empty and is not a dymoe bundle",
-            "choose a new or empty folder (dymoe never overwrites foreign files)",
-        )
-    out.mkdir(parents=True, exist_ok=True)
+        remove_listed(out, [*state.journal_files, JOURNAL])
+    remove_temp_files(out)
     return {}
 
 
+def _journals_of(out: Path) -> list[str]:
+    from .requantize import JOURNAL as REQUANTIZE_JOURNAL
+
+    return [j for j in (JOURNAL, REQUANTIZE_JOURNAL) if (out / j).is_file()]
+
+
 def _still_valid(out: Path, rel: str, entry: dict) -> bool:
-    path = out / rel
-    return path.is_file() and path.stat().st_size == entry["bytes"] and sha256_file(path) == entry["sha256"]
+    try:
+        path = resolve(out, rel, "journal entry")
+    except BundleError:
+        return False
+    return (path.is_file() and path.stat().st_size == entry.get("bytes")
+            and sha256_file(path) == entry.get("sha256"))
 
 
 def export(model: str, out: Path, options: ExportOptions = ExportOptions()) -> Manifest:
@@ -249,10 +255,21 @@ def export(model: str, out: Path, options: ExportOptions = ExportOptions()) -> M
     if options.quantizer == "gptq":
         _check_calibration_data(options, spec, folder)  # before the long stage 1, not after it
     fingerprint = _fingerprint(ckpt, precisions, options.block_size, options)
+    state = folder_state(out, JOURNAL)  # refuse a foreign folder before writing anything into it
+    if state.kind == "foreign":
+        raise foreign_error(out, state)
+    out.mkdir(parents=True, exist_ok=True)
+    with bundle_lock(out, "export"):
+        return _export_locked(model, folder, ckpt, spec, mapping, precisions, fingerprint, out, options)
+
+
+def _export_locked(model: str, folder: Path, ckpt: Checkpoint, spec: ModelSpec, mapping: dict,
+                   precisions: tuple[str, ...], fingerprint: str, out: Path, options: ExportOptions) -> Manifest:
     if options.quantizer == "gptq" and not options.force and _gptq_stage_pending(out, fingerprint):
         return _gptq_stage(out, options)  # resume: the data-free bundle was finished before the interruption
     done = _prepare_out(out, fingerprint, options.force)
     done = {rel: e for rel, e in done.items() if _still_valid(out, rel, e)}
+    _check_disk(out, spec, precisions, options, folder, done)
     journal = Journal(out / JOURNAL, fingerprint, done)
     # gptq first writes a complete data-free (hqq) bundle, which the calibration pass then runs
     stage_quantizer = QuantizerOptions(FALLBACK if options.quantizer == "gptq" else options.quantizer,
@@ -279,7 +296,7 @@ def export(model: str, out: Path, options: ExportOptions = ExportOptions()) -> M
                 journal.record(finished)
                 bar.advance(task)
         else:
-            with ProcessPoolExecutor(max_workers=options.workers) as pool:
+            with worker_pool(options.workers) as pool:
                 futures = [pool.submit(fn, *args) for fn, args in jobs]
                 try:
                     for fut in futures:
@@ -296,13 +313,36 @@ def export(model: str, out: Path, options: ExportOptions = ExportOptions()) -> M
         if src.is_file():
             rel = f"tokenizer/{name}"
             data = src.read_bytes()
-            done[rel] = {"bytes": len(data), "sha256": atomic_write_bytes(out / rel, data)}
+            done[rel] = {"bytes": len(data), "sha256": atomic_write_bytes(resolve(out, rel), data)}
     manifest = _manifest(model, ckpt, spec, precisions, options.block_size, fingerprint, done, stage_quantizer.name)
     manifest.write(out)
     journal.remove()
     if options.quantizer == "gptq":
         return _gptq_stage(out, options)
     return manifest
+
+
+def estimated_bytes(spec: ModelSpec, precisions: tuple[str, ...], block_size: int) -> int:
+    """About how many bytes a bundle of ``spec`` takes: experts at every precision plus the
+    float32 backbone (for the disk-space check before any work)."""
+    H, V, D = spec.hidden_size, spec.vocab_size, spec.head_dim
+    Q, KV = spec.num_heads * D, spec.num_kv_heads * D
+    per_layer = Q * H * 2 + KV * H * 2 + spec.num_experts * H + 3 * spec.shared_intermediate_size * H + 4 * H
+    backbone = 4 * (2 * V * H + spec.num_layers * per_layer)
+    experts = sum(expected_bytes(H, spec.expert_intermediate_size, p, block_size) for p in precisions)
+    return backbone + spec.num_layers * spec.num_experts * experts
+
+
+def _check_disk(out: Path, spec: ModelSpec, precisions: tuple[str, ...], options: ExportOptions, folder: Path,
+                done: dict[str, dict]) -> None:
+    need = estimated_bytes(spec, precisions, options.block_size)
+    need += sum((folder / n).stat().st_size for n in TOKENIZER_FILES if (folder / n).is_file())
+    if options.quantizer == "gptq":  # the collected inputs and the requantized integer variants
+        need += memory_bound(spec.num_layers, spec.num_experts, spec.hidden_size, options.inputs_per_expert)
+        need += estimated_bytes(spec, tuple(p for p in precisions if p in BITS), options.block_size)
+    need -= sum(int(e.get("bytes", 0)) for e in done.values())
+    require_free_space(out, max(need, 0), f"exporting {spec.model_type} ({', '.join(precisions)})",
+                       "free some space, or export fewer precisions (--precisions) or to another disk (--out)")
 
 
 def _gptq_stage_pending(out: Path, fingerprint: str) -> bool:
@@ -355,14 +395,13 @@ def _check_calibration_data(options: ExportOptions, spec: ModelSpec, folder: Pat
 
 def _gptq_stage(out: Path, options: ExportOptions) -> Manifest:
     """Collect every expert's routed inputs on the calibration text, then requantize with gptq."""
-    from dymoe.calibration.run import commit, measure
+    from dymoe.calibration.run import calibrate
     from dymoe.manifest import read_manifest
 
     from .requantize import RequantizeOptions, requantize
 
     calibration = _calibration_options(options, read_manifest(out).model.max_position_embeddings)
-    measured = measure(out, [Path(p) for p in options.calibration_data], calibration, progress=options.progress)
-    commit(out, measured)
+    calibrate(out, [Path(p) for p in options.calibration_data], calibration, progress=options.progress)
     return requantize(out, RequantizeOptions(
         quantizer=QuantizerOptions("gptq", min_tokens=options.gptq_min_tokens), progress=options.progress))
 

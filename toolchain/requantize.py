@@ -19,14 +19,17 @@ import onnx
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 import dymoe
+from dymoe.bundle_folder import remove_listed, remove_temp_files
 from dymoe.errors import BundleError, InputError
-from dymoe.fsutil import fsync_dir, sha256_file
-from dymoe.manifest import FileEntry, Manifest, read_manifest, read_verified
+from dymoe.fsutil import fsync_dir, require_free_space, sha256_file
+from dymoe.journal import Journal, read_journal, read_retired
+from dymoe.lock import bundle_lock
+from dymoe.manifest import FileEntry, Manifest, check_confined, read_manifest, read_verified
+from dymoe.paths import resolve
 
-from .expert_graph import BITS, PRECISIONS
+from .expert_graph import BITS, PRECISIONS, expected_bytes
 from .expert_weights import expert_weights
 from .export import FORMATS, entry_of, variant_of, write_expert
-from .journal import Journal, read_journal
 from .quantizers import QuantizerOptions, RoutedInputs
 
 JOURNAL = ".dymoe-requantize.jsonl"
@@ -55,6 +58,14 @@ def _targets(manifest: Manifest, options: RequantizeOptions) -> tuple[str, ...]:
         raise InputError("the bundle has no integer precision to requantize",
                          "name the ones to add with --precisions int4,int2")
     return tuple(p for p in PRECISIONS if p in wanted)
+
+
+def _intact(bundle: Path, rel: str, entry: dict) -> bool:
+    try:
+        path = resolve(bundle, rel, "journal entry")
+    except BundleError:
+        return False
+    return path.is_file() and path.stat().st_size == entry.get("bytes") and sha256_file(path) == entry.get("sha256")
 
 
 def _source_precision(manifest: Manifest, bundle: Path) -> str:
@@ -99,20 +110,31 @@ def _fingerprint(manifest: Manifest, source: str, targets: tuple[str, ...], opti
 
 
 def _clean_up(bundle: Path, manifest: Manifest) -> None:
-    """Delete the expert files ``manifest`` no longer lists (the replaced variants, or those left by a
-    run stopped after its manifest swap), then the journal."""
-    experts = bundle / "experts"
-    listed = set(manifest.files)
-    for p in experts.rglob("*.onnx") if experts.is_dir() else ():
-        if str(p.relative_to(bundle)) not in listed:
-            p.unlink()
-    (bundle / JOURNAL).unlink(missing_ok=True)
+    """Delete the files the journal retired that ``manifest`` no longer lists (the replaced
+    variants, also after a run stopped right after its manifest swap), then the journal."""
+    journal = bundle / JOURNAL
+    remove_listed(bundle, [rel for rel in read_retired(journal) if rel not in manifest.files])
+    journal.unlink(missing_ok=True)
+
+
+def _needed_bytes(manifest: Manifest, targets: tuple[str, ...], done: dict[str, dict]) -> int:
+    """New variants still to write (the old ones are deleted only after the switch)."""
+    q, s = manifest.quantization, manifest.model
+    per = sum(expected_bytes(s.hidden_size, s.expert_intermediate_size, p, q.block_size) for p in targets)
+    return max(0, s.num_layers * s.num_experts * per - sum(int(e.get("bytes", 0)) for e in done.values()))
 
 
 def requantize(bundle: Path, options: RequantizeOptions = RequantizeOptions()) -> Manifest:
     """Rewrite (or add) the integer variants of ``bundle`` with ``options.quantizer``."""
     bundle = Path(bundle)
-    manifest = read_manifest(bundle)
+    read_manifest(bundle)  # a clean error for a missing or foreign folder before the lock file is made
+    with bundle_lock(bundle, "requantize"):
+        return _requantize_locked(bundle, options)
+
+
+def _requantize_locked(bundle: Path, options: RequantizeOptions) -> Manifest:
+    manifest = read_manifest(bundle)  # fresh, under the lock
+    check_confined(bundle, manifest)
     targets = _targets(manifest, options)
     source = _source_precision(manifest, bundle)
     qopts = options.quantizer
@@ -125,10 +147,11 @@ def requantize(bundle: Path, options: RequantizeOptions = RequantizeOptions()) -
 
     previous, done = read_journal(bundle / JOURNAL)
     if previous != fingerprint:
+        # files an earlier run with other settings wrote and never switched in: ours to delete
+        remove_listed(bundle, [rel for rel in done if rel not in manifest.files])
+        _clean_up(bundle, manifest)
         done = {}
-    done = {rel: e for rel, e in done.items()
-            if (bundle / rel).is_file() and (bundle / rel).stat().st_size == e["bytes"]
-            and sha256_file(bundle / rel) == e["sha256"]}
+    done = {rel: e for rel, e in done.items() if _intact(bundle, rel, e)}
     # A variant the manifest already lists under this run's name (these settings were applied
     # before, then partly replaced) is kept as it is: rewriting a listed file before the swap
     # would break the bundle's promise, and the same fingerprint makes the same bytes.
@@ -137,8 +160,9 @@ def requantize(bundle: Path, options: RequantizeOptions = RequantizeOptions()) -
             v = entry.variants.get(p)
             if v is not None and v.path == variant_path(entry.layer, entry.expert, p, qopts.name, tag):
                 done[v.path] = entry_of(v, manifest.files[v.path])
-    for stale in (bundle / "experts").rglob(".*.tmp"):
-        stale.unlink()
+    remove_temp_files(bundle)
+    require_free_space(bundle, _needed_bytes(manifest, targets, done), f"requantizing {', '.join(targets)}",
+                       "free some space on that disk, or requantize fewer precisions (--precisions)")
     journal = Journal(bundle / JOURNAL, fingerprint, done)
     with Progress(TextColumn("[bold]requantize[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), TimeRemainingColumn(), disable=not options.progress) as bar:
@@ -174,7 +198,8 @@ def requantize(bundle: Path, options: RequantizeOptions = RequantizeOptions()) -
                 old.add(entry.variants[p].path)
             entry.variants[p] = variant_of(rel, p, done[rel])
         entry.variants = {p: entry.variants[p] for p in PRECISIONS if p in entry.variants}
-    for rel in old - set(done):  # a name both old and new is the same file: keep it
+    retired = old - set(done)  # a name both old and new is the same file: keep it
+    for rel in retired:
         manifest.files.pop(rel, None)
     for rel in done:
         manifest.files[rel] = FileEntry(bytes=done[rel]["bytes"], sha256=done[rel]["sha256"])
@@ -183,6 +208,7 @@ def requantize(bundle: Path, options: RequantizeOptions = RequantizeOptions()) -
     q.precisions = [p for p in PRECISIONS if p in q.precisions or p in targets]
     q.formats = {p: q.formats.get(p) or FORMATS[p] for p in q.precisions}
     q.method, q.revision = qopts.name, tag
+    journal.retire(sorted(retired))
     manifest.write(bundle)  # the one atomic switch from the old variants to the new
     fsync_dir(bundle)  # the switch is on disk before any file it replaced is deleted
     journal.close()

@@ -19,7 +19,7 @@ def read_journal(path: Path) -> tuple[str | None, dict[str, dict]]:
     """Return ``(fingerprint, {path: entry})``; ``(None, {})`` when absent or unreadable."""
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (FileNotFoundError, UnicodeDecodeError):
+    except (OSError, UnicodeDecodeError):
         return None, {}
     try:
         fingerprint = json.loads(lines[0])["fingerprint"]
@@ -29,10 +29,31 @@ def read_journal(path: Path) -> tuple[str | None, dict[str, dict]]:
     for line in lines[1:]:
         try:
             entry = json.loads(line)
-            done[entry.pop("path")] = entry
+            rel = entry.pop("path")
+            if not isinstance(rel, str):
+                continue
+            done[rel] = entry
         except (ValueError, KeyError, TypeError, AttributeError):
             continue  # torn line from an interrupted append
     return fingerprint, done
+
+
+def read_retired(path: Path) -> list[str]:
+    """Files a journal marked as replaced (:meth:`Journal.retire`): to delete once the manifest
+    that no longer lists them is on disk."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return []
+    out: list[str] = []
+    for line in lines[1:]:
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(entry, dict) and isinstance(entry.get("retired"), list):
+            out += [r for r in entry["retired"] if isinstance(r, str)]
+    return out
 
 
 class Journal:
@@ -47,6 +68,13 @@ class Journal:
     def record(self, files: dict[str, dict]) -> None:
         for rel, entry in files.items():
             self._file.write(json.dumps({"path": rel, **entry}) + "\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def retire(self, rels: list[str]) -> None:
+        """Record, before the manifest switch, which files the switch replaces, so that a run
+        stopped right after it still knows exactly what to delete (and nothing else)."""
+        self._file.write(json.dumps({"retired": sorted(rels)}) + "\n")
         self._file.flush()
         os.fsync(self._file.fileno())
 
