@@ -74,6 +74,8 @@ class CalibrationOptions:
             raise InputError(f"--samples {self.samples} must be at least 1")
         if self.sensitivity_samples < 1:
             raise InputError(f"--sensitivity-samples {self.sensitivity_samples} must be at least 1")
+        if self.seed < 0:
+            raise InputError(f"--seed {self.seed} must be a non-negative integer", "for example --seed 0")
         if self.seq_len < 2:
             raise InputError(f"--seq-len {self.seq_len} must be at least 2 (one token predicts the next)")
         if self.inputs_per_expert < 1:

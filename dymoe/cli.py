@@ -6,8 +6,10 @@ status 2 stays with Typer for command-line usage errors.
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -29,6 +31,22 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 err = Console(stderr=True, soft_wrap=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from dymoe import __version__
+
+        print(f"dymoe {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: Annotated[bool, typer.Option(
+        "--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False) -> None:
+    """Run Mixture-of-Experts models on devices whose memory cannot hold them."""
+
+
 # wide tables stay readable when piped into a file or a CI log
 out = Console() if Console().is_terminal else Console(width=200)
 
@@ -41,15 +59,40 @@ def friendly(fn):
         try:
             return fn(*args, **kwargs)
         except DymoeError as e:
-            err.print(f"[bold red]error:[/] {e.message}", highlight=False)
-            if e.hint:
-                err.print(f"  [dim]hint:[/] {e.hint}", highlight=False)
-            raise typer.Exit(1) from None
+            _fail(e)
+        except OSError as e:
+            if os.environ.get("DYMOE_TRACEBACK"):
+                raise
+            _fail(_os_error(e))
+        except MemoryError:
+            if os.environ.get("DYMOE_TRACEBACK"):
+                raise
+            _fail(DymoeError("ran out of memory", "free memory, or use a smaller --budget / fewer --workers"))
         except KeyboardInterrupt:
             err.print("\n[yellow]interrupted[/]")
             raise typer.Exit(130) from None
 
     return wrapper
+
+
+def _fail(e: DymoeError):
+    err.print(f"[bold red]error:[/] {e.message}", highlight=False)
+    if e.hint:
+        err.print(f"  [dim]hint:[/] {e.hint}", highlight=False)
+    raise typer.Exit(1) from None
+
+
+def _os_error(e: OSError) -> DymoeError:
+    """The last line of defence: an operating-system error no check foresaw, said plainly."""
+    from dymoe.fsutil import disk_full_error
+
+    where = f": {e.filename}" if e.filename else ""
+    if (full := disk_full_error(e, "writing")) is not None:
+        return full
+    if isinstance(e, PermissionError) or e.errno == errno.EROFS:
+        return DymoeError(f"permission denied{where}", "check the owner and mode of that file or folder, "
+                                                       "or choose one you can read and write")
+    return DymoeError(f"{e.strerror or e.__class__.__name__}{where}", "check the path, the disk and its permissions")
 
 
 def _mib(n: float) -> str:
@@ -241,8 +284,12 @@ def run(
       dymoe run bundles/q3 -p "Once" --policy dymoe --budget 25% --io direct --storage-profile orin-nano-nvme
       dymoe run bundles/q3 -p "Once" --policy dymoe --ladder 8/4/2 --retention 0.75 --schedule cosine
     """
+    from dymoe.fsutil import check_output_file
+    from dymoe.runtime.sampling import SamplingParams
     from dymoe.runtime.session import PolicyRun, open_model
 
+    if metrics_json:
+        check_output_file(metrics_json, "--metrics-json")
     overrides = dict(ladder=ladder, retention=retention, schedule=schedule, eviction=eviction, prefetch=prefetch,
                      renormalize=renormalize, serve_lower_while_promoting=serve_lower, on_load_error=on_load_error)
     if policy is None and (policy_config or any(v is not None for v in overrides.values())):
@@ -252,11 +299,14 @@ def run(
                          "use --policy static-int4 (budgeted) or --precision int4 (all resident)")
     plan = None if policy is None else PolicyRun(
         policy, budget, policy_config=policy_config, io=io, storage_profile=storage_profile,
-        engine_cache=None if engine_cache == "off" else engine_cache, overrides=overrides)
+        engine_cache=None if engine_cache == "off" else engine_cache, overrides=overrides,
+        on_note=lambda note: err.print(f"[yellow]warning:[/] {note}", highlight=False))
+    sampling = SamplingParams(temperature, top_p, seed)  # checked before the bundle is opened
     session = open_model(bundle, precision=precision, progress=sys.stderr.isatty(), policy=plan)
     try:
-        result = session.generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                  seed=seed, stream=lambda text: (sys.stdout.write(text), sys.stdout.flush()))
+        result = session.generate(prompt, max_new_tokens=max_new_tokens, temperature=sampling.temperature,
+                                  top_p=sampling.top_p, seed=sampling.seed,
+                                  stream=lambda text: (sys.stdout.write(text), sys.stdout.flush()))
         sys.stdout.write("\n")
         metrics = session.metrics(result)
     finally:
@@ -320,9 +370,15 @@ def bench(
       dymoe bench B --policies ondemand,lru,lru-prefetch,static-int4,dymoe --budget 25% --io direct
       dymoe bench B --sweep-budget 15%,25%,50%,100% --storage-profile orin-nano-nvme --plot results/
     """
+    from dymoe.fsutil import check_output_dir, check_output_file
     from dymoe.runtime.bench import BenchOptions, read_prompts, run_bench
     from dymoe.runtime.bench_report import print_tables, write_plots
     from dymoe.runtime.session import PolicyRun
+
+    if json_out:
+        check_output_file(json_out, "--json")
+    if plot:
+        check_output_dir(plot, "--plot")
 
     if accuracy and data is None:
         data = _demo_heldout_if_demo(bundle)
@@ -367,19 +423,19 @@ def evaluate(
     """
     from rich.progress import Progress
 
+    from dymoe.fsutil import check_output_file, read_user_text
     from dymoe.runtime.evaluate import perplexity, top1_agreement, windows
     from dymoe.runtime.session import PolicyRun, open_model
 
+    if json_out:
+        check_output_file(json_out, "--json")
     if data is None:
         data = _demo_heldout_if_demo(bundle)
         if data is None:
             raise DymoeError("no --data given and this bundle is not the demo model's", "pass --data FILE")
     if policy is not None and precision is not None:
         raise DymoeError("--precision and --policy exclude each other", "choose one")
-    try:
-        text = Path(data).read_text(encoding="utf-8")
-    except (FileNotFoundError, UnicodeDecodeError) as e:
-        raise DymoeError(f"cannot read --data {data} ({e.__class__.__name__})", "pass a UTF-8 text file") from None
+    text = read_user_text(data, "--data")
     results = {}
     session = open_model(bundle, precision=precision,
                          policy=PolicyRun(policy, budget) if policy else None)
@@ -514,22 +570,23 @@ def calibrate(
         from dymoe.manifest import read_manifest
 
         manifest = read_manifest(bundle)
+        cal_report.check_report_folder(folder)
         written = cal_report.write_report(read_calibration(bundle, manifest), folder,
                                           source=str(bundle / (manifest.calibration or "")))
         err.print(f"wrote {len(written)} report files to {folder}")
         return
-    from dymoe.calibration.run import commit, measure
+    from dymoe.calibration.run import calibrate as run_calibration
 
     paths = [*(data or []), *(more or [])]
     if not no_report:
         cal_report.require_matplotlib()  # fail before measuring, not after
+        cal_report.check_report_folder(folder)
     opts = CalibrationOptions(samples=samples, sensitivity_samples=sensitivity_samples, seq_len=seq_len, seed=seed,
                               target_kl=target_kl, sensitivity=not no_sensitivity, collect_inputs=collect_inputs,
                               inputs_per_expert=inputs_per_expert)
-    measured = measure(bundle, paths, opts, progress=sys.stderr.isatty())
+    measured, path = run_calibration(bundle, paths, opts, progress=sys.stderr.isatty())
     for note in measured.notes:
         err.print(f"[yellow]note:[/] {note}", highlight=False)
-    path = commit(bundle, measured)
     header, rows = cal_report.summary(measured.calibration)
     table = Table(title="calibration", box=box.SIMPLE_HEAD)
     for col in header:

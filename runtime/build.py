@@ -62,7 +62,8 @@ def build_orchestrator(bundle: Bundle, run: PolicyRun) -> Orchestrator:
     try:
         return Orchestrator(bundle, cfg, loader, costs, budget, retention,
                             routers=router_weights(bundle) if cfg.prefetch else None,
-                            priors=priors if (cfg.eviction == "priority" or cfg.pin_fraction) else None)
+                            priors=priors if (cfg.eviction == "priority" or cfg.pin_fraction) else None,
+                            on_note=run.on_note)
     except BaseException:
         loader.close()
         raise

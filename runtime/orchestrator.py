@@ -9,8 +9,8 @@ T tokens of the step, H hidden, k experts per token, E experts per layer.
 from __future__ import annotations
 
 import time
-import warnings
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -69,8 +69,10 @@ def check_budget(config: PolicyConfig, costs: dict[str, int], budget: int, top_k
 class Orchestrator:
     def __init__(self, bundle: Bundle, config: PolicyConfig, loader: Loader, costs: dict[str, int], budget: int,
                  retention: list[float], routers: list[np.ndarray] | None = None,
-                 priors: dict[Key, float] | None = None) -> None:
+                 priors: dict[Key, float] | None = None, on_note: Callable[[str], None] | None = None) -> None:
         self.bundle = bundle
+        self.notes: list[str] = []
+        self.on_note = on_note
         self.spec = bundle.spec
         self.config = config
         self.loader = loader
@@ -240,8 +242,7 @@ class Orchestrator:
             if self.config.on_load_error != "fallback":
                 raise
             # the request that needs it will load (or fall back) on demand
-            warnings.warn(f"background load of expert {key[1]} in layer {key[0]} failed: {e.message}",
-                          stacklevel=2)
+            self.note(f"background load of expert {key[1]} in layer {key[0]} failed: {e.message}")
             return None
         self._insert(loaded, prefetch)
         return loaded
@@ -322,11 +323,17 @@ class Orchestrator:
                 loaded = self.loader.load(key[0], key[1], p)
             except DymoeError:
                 continue
-            warnings.warn(f"expert {key[1]} of layer {key[0]} at {precision} failed to load ({error.message}); "
-                          f"using {p} instead", stacklevel=2)
+            self.note(f"expert {key[1]} of layer {key[0]} at {precision} failed to load ({error.message}); "
+                      f"using {p} instead")
             return loaded
         raise BundleError(f"no precision of expert {key[1]} in layer {key[0]} loads ({error.message})",
                           "re-export the bundle")
+
+    def note(self, message: str) -> None:
+        """Something the user should hear about that did not stop the run (a fallback)."""
+        self.notes.append(message)
+        if self.on_note is not None:
+            self.on_note(message)
 
     def _stall(self, seconds: float, decode: bool) -> None:
         self.c.stall_s += seconds
@@ -364,5 +371,6 @@ class Orchestrator:
             "prefetch_precision": c.pred_hits / c.pred_total if c.pred_total else None,
             "prefetch_recall": c.pred_hits / c.actual_total if c.actual_total else None,
             "load_errors": c.load_errors,
+            "notes": list(self.notes),
             "precision_mix": {str(layer): dict(sorted(mix.items())) for layer, mix in sorted(c.mix.items())},
         }

@@ -7,12 +7,22 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from dymoe.errors import InputError
+
 
 @dataclass(frozen=True)
 class SamplingParams:
     temperature: float = 0.0  # 0 means greedy
     top_p: float = 1.0
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.temperature < float("inf"):
+            raise InputError(f"--temperature {self.temperature} must be 0 (greedy) or positive")
+        if not 0.0 <= self.top_p <= 1.0:
+            raise InputError(f"--top-p {self.top_p} must lie in [0, 1]", "1 keeps every token")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise InputError(f"--seed {self.seed} must be a non-negative integer", "for example --seed 0")
 
 
 def choose_token(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:

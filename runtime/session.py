@@ -39,6 +39,7 @@ class PolicyRun:
     engine_cache: str | None = "auto"  # "auto": the user cache folder; a folder; None: off
     full_precision: str | None = None  # what "full precision" means (default: the bundle's highest)
     overrides: dict = field(default_factory=dict)  # PolicyConfig fields given on the command line
+    on_note: Callable[[str], None] | None = None  # told of fallbacks as they happen (the CLI prints them)
 
 
 @dataclass

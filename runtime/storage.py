@@ -8,6 +8,7 @@ without a copy. Emulation sleeps for whatever the real read left of the profile'
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -43,15 +44,22 @@ def load_profile(name_or_path: str) -> StorageProfile:
     path = Path(name_or_path)
     source = path if path.suffix == ".toml" and path.is_file() else _profiles_dir() / f"{name_or_path}.toml"
     try:
-        data = tomllib.loads(source.read_text())
-        return StorageProfile(str(data["name"]), str(data.get("description", "")), float(data["read_mb_per_s"]),
-                              float(data["latency_ms"]))
-    except FileNotFoundError:
+        data = tomllib.loads(source.read_text(encoding="utf-8"))
+        profile = StorageProfile(str(data["name"]), str(data.get("description", "")), float(data["read_mb_per_s"]),
+                                 float(data["latency_ms"]))
+    except (FileNotFoundError, IsADirectoryError):
         raise InputError(f"unknown storage profile {name_or_path!r}",
                          f"choose one of {', '.join(available_profiles())}, or pass a .toml file") from None
-    except (KeyError, ValueError, tomllib.TOMLDecodeError) as e:
-        raise InputError(f"storage profile {name_or_path} is malformed ({e})",
+    except (KeyError, ValueError, TypeError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise InputError(f"storage profile {name_or_path} is malformed ({e.__class__.__name__}: {e})",
                          "it needs name, read_mb_per_s and latency_ms") from None
+    if not 0 < profile.read_mb_per_s < math.inf:
+        raise InputError(f"storage profile {name_or_path}: read_mb_per_s is {profile.read_mb_per_s:g}",
+                         "give the device's sequential read speed, a positive number of MB/s")
+    if not 0 <= profile.latency_ms < math.inf:
+        raise InputError(f"storage profile {name_or_path}: latency_ms is {profile.latency_ms:g}",
+                         "give the device's read latency, zero or a positive number of milliseconds")
+    return profile
 
 
 @dataclass

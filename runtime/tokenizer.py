@@ -7,12 +7,19 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
+from dymoe.errors import InputError
+
 
 class TextTokenizer:
     def __init__(self, path: Path) -> None:
         self._tok = Tokenizer.from_file(str(path))
 
     def encode(self, text: str) -> list[int]:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # bytes the shell could not decode arrive as lone surrogates
+            raise InputError(f"the text is not valid UTF-8 (an undecodable byte at character {e.start})",
+                             "pass the prompt as UTF-8 text") from None
         return self._tok.encode(text, add_special_tokens=True).ids
 
     def decode(self, ids: list[int]) -> str:

@@ -85,9 +85,11 @@ def test_corrupted_expert_while_running(tiny_qwen3, tmp_path):
     _corrupt_all(bundle, "int4")
     with pytest.raises(ChecksumError, match="expert_0"):
         generate(bundle, PolicyRun("static-int4", "100%"))
-    with pytest.warns(UserWarning, match="failed to load"):
-        tokens, m = generate(bundle, PolicyRun("static-int4", "100%", overrides={"on_load_error": "fallback"}))
+    heard = []
+    tokens, m = generate(bundle, PolicyRun("static-int4", "100%", overrides={"on_load_error": "fallback"},
+                                           on_note=heard.append))
     assert len(tokens) == 12 and m["load_errors"] > 0
+    assert heard and all("failed to load" in n for n in heard) and m["notes"] == heard
 
 
 def _predictable_model(folder: Path) -> Path:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dymoe.manifest import ModelSpec
 
 from ..layout import Ref
-from ._common import attention_refs, base_spec, expert_refs, need, top_refs
+from ._common import attention_refs, base_spec, expert_refs, need_int, top_refs
 
 MODEL_TYPE = "mixtral"
 
@@ -14,8 +14,9 @@ MODEL_TYPE = "mixtral"
 def spec_from_config(cfg: dict) -> ModelSpec:
     return base_spec(
         cfg,
-        num_experts=int(need(cfg, "num_local_experts")),
-        expert_intermediate_size=int(need(cfg, "intermediate_size")),
+        keys={"num_experts": "num_local_experts"},
+        num_experts=need_int(cfg, "num_local_experts"),
+        expert_intermediate_size=need_int(cfg, "intermediate_size"),
         norm_topk_prob=True,
         sliding_window=cfg.get("sliding_window"),
     )

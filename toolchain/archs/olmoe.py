@@ -6,7 +6,7 @@ from __future__ import annotations
 from dymoe.manifest import ModelSpec
 
 from ..layout import Ref
-from ._common import attention_refs, base_spec, expert_refs, need, top_refs
+from ._common import as_float, attention_refs, base_spec, expert_refs, need_int, top_refs
 
 MODEL_TYPE = "olmoe"
 
@@ -15,12 +15,12 @@ def spec_from_config(cfg: dict) -> ModelSpec:
     clip = cfg.get("clip_qkv")
     return base_spec(
         cfg,
-        num_experts=int(need(cfg, "num_experts")),
-        expert_intermediate_size=int(need(cfg, "intermediate_size")),
+        num_experts=need_int(cfg, "num_experts"),
+        expert_intermediate_size=need_int(cfg, "intermediate_size"),
         norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
         attention_bias=bool(cfg.get("attention_bias", False)),
         qk_norm="full",
-        clip_qkv=float(clip) if clip is not None else None,
+        clip_qkv=as_float("clip_qkv", clip) if clip is not None else None,
     )
 
 

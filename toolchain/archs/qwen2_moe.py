@@ -6,7 +6,7 @@ from __future__ import annotations
 from dymoe.manifest import ModelSpec
 
 from ..layout import Ref
-from ._common import attention_refs, base_spec, expert_refs, need, reject_dense_layers, top_refs
+from ._common import attention_refs, base_spec, expert_refs, need_int, reject_dense_layers, top_refs
 
 MODEL_TYPE = "qwen2_moe"
 
@@ -15,9 +15,10 @@ def spec_from_config(cfg: dict) -> ModelSpec:
     reject_dense_layers(cfg)
     return base_spec(
         cfg,
-        num_experts=int(need(cfg, "num_experts", "num_local_experts")),
-        expert_intermediate_size=int(need(cfg, "moe_intermediate_size")),
-        shared_intermediate_size=int(need(cfg, "shared_expert_intermediate_size")),
+        keys={"expert_intermediate_size": "moe_intermediate_size"},
+        num_experts=need_int(cfg, "num_experts", "num_local_experts"),
+        expert_intermediate_size=need_int(cfg, "moe_intermediate_size"),
+        shared_intermediate_size=need_int(cfg, "shared_expert_intermediate_size"),
         shared_expert_gate=True,
         norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
         attention_bias=bool(cfg.get("qkv_bias", True)),
