@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev,hub]'
+	$(BIN)/pip install -q -e '.[dev,hub,report]'
 	touch $(STAMP)
 
 test: setup

@@ -46,7 +46,7 @@ def main() -> None:
     shutil.rmtree(root, ignore_errors=True)
     model.save_pretrained(root / "src")
     save_tokenizer(root / "src")
-    export(str(root / "src"), root / "bundle", ExportOptions(precisions=("fp32", "int4"), progress=False))
+    export(str(root / "src"), root / "bundle", ExportOptions(precisions=("fp32", "int4")))
     bundle = Bundle(root / "bundle")
     runners = {p: MoEModel(bundle, StaticExperts(bundle, p)) for p in ("fp32", "int4")}
     prompt = [int(t) for t in np.random.default_rng(0).integers(0, 4096, args.prompt)]

@@ -41,8 +41,7 @@ def export_demo(quantizer: str, out: Path) -> float:
     data = (str(src / "calibration.txt"),) if quantizer == "gptq" else ()
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
-    export(str(src), out, ExportOptions(precisions=("fp32", *INTEGER), quantizer=quantizer, calibration_data=data,
-                                        progress=False))
+    export(str(src), out, ExportOptions(precisions=("fp32", *INTEGER), quantizer=quantizer, calibration_data=data))
     return time.perf_counter() - t0
 
 
@@ -56,7 +55,7 @@ def heldout_ids(bundle: Path) -> list[int]:
 
 def score(bundle: Path, precision: str, ids: list[int], window: int, windows: int):
     from dymoe.runtime.evaluate import perplexity
-    from dymoe.runtime.session import open_model
+    from dymoe.runtime.model_session import open_model
 
     session = open_model(bundle, precision=precision)
     return perplexity(session.model, ids, window, windows)
@@ -81,9 +80,9 @@ def routed_errors(bundles: dict[str, Path], inputs_from: Path) -> dict[str, dict
     tokens, computed the same way for every bundle."""
     import onnx
 
-    from dymoe.calibration.inputs import load_expert_inputs
-    from dymoe.calibration.schema import read_calibration
-    from dymoe.manifest import read_manifest
+    from dymoe.bundle.calibration import read_calibration
+    from dymoe.bundle.inputs import load_expert_inputs
+    from dymoe.bundle.manifest import read_manifest
     from dymoe.toolchain.expert_graph import reference_forward
     from dymoe.toolchain.expert_weights import expert_weights
 
@@ -105,7 +104,7 @@ def routed_errors(bundles: dict[str, Path], inputs_from: Path) -> dict[str, dict
 
 
 def demo(args) -> dict:
-    from dymoe.manifest import read_manifest
+    from dymoe.bundle.manifest import read_manifest
     from dymoe.runtime.evaluate import top1_agreement
 
     root = CACHE / "quantizers"

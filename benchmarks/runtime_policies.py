@@ -18,8 +18,9 @@ from _common import CACHE, RESULTS, machine
 from rich.console import Console
 
 from dymoe.runtime.bench import BenchOptions, run_bench
-from dymoe.runtime.bench_report import print_tables, write_plots
-from dymoe.runtime.session import PolicyRun
+from dymoe.runtime.bench_plots import write_plots
+from dymoe.runtime.policy_config import PolicyRun
+from dymoe.tables import print_tables
 from dymoe.toolchain.export import ExportOptions, export
 from dymoe.toolchain.synthetic import write_synthetic_checkpoint
 

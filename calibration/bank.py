@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from dymoe import graph_io as io
+from dymoe.bundle import graph_io as io
 from dymoe.runtime.bundle import Bundle
-from dymoe.runtime.sessions import create_session
+from dymoe.runtime.ort_session import create_session
 
 
 class ExpertBank:

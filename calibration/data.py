@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dymoe.errors import InputError
+from dymoe.bundle.errors import InputError
 
 TEXT_SUFFIXES = (".txt", ".text", ".md")
 JSONL_SUFFIXES = (".jsonl", ".ndjson")

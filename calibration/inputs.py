@@ -15,32 +15,14 @@ Dimensions: L layers, E experts per layer, H hidden size, T rows offered in one 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
-from dymoe.errors import BundleError, InputError
-from dymoe.manifest import Manifest, verify_file
-from dymoe.toolchain.safetensors_io import SafetensorsFile, encode_safetensors
+from dymoe.bundle.calibration import ExpertInputs
+from dymoe.bundle.errors import InputError
+from dymoe.bundle.inputs import DTYPE, layer_file, memory_bound, tensor_name
+from dymoe.bundle.safetensors_io import encode_safetensors
 
-from .options import INPUTS_DIRNAME
-from .schema import Calibration, ExpertInputs
-
-DTYPE = "F16"  # half the bytes of fp32; 11 significant bits are plenty for a Hessian estimate
 _FIRST_ROWS = 64  # first buffer size of an expert; grown by doubling up to the cap
-
-
-def layer_file(layer: int) -> str:
-    return f"{INPUTS_DIRNAME}/layer_{layer:03d}.safetensors"
-
-
-def tensor_name(expert: int) -> str:
-    return f"expert_{expert:03d}"
-
-
-def memory_bound(num_layers: int, num_experts: int, hidden: int, cap: int) -> int:
-    """Bytes the recorder holds at most (every expert reaching the cap), and the files' size."""
-    return num_layers * num_experts * cap * hidden * 2
 
 
 def available_memory() -> int | None:
@@ -151,49 +133,3 @@ class InputRecorder:
         record = ExpertInputs(cap=self.cap, seed=self.seed, dtype=DTYPE, files=list(files),
                               seen=[list(s) for s in self.seen], kept=kept)
         return files, record
-
-
-class ExpertInputsReader:
-    """Reads the rows :class:`InputRecorder` kept, checking each layer file against manifest.json
-    the first time it is opened."""
-
-    def __init__(self, bundle: Path, manifest: Manifest, inputs: ExpertInputs) -> None:
-        self.bundle = Path(bundle)
-        self.manifest = manifest
-        self.inputs = inputs
-        self.hidden = manifest.model.hidden_size
-        self._open: dict[int, SafetensorsFile] = {}
-
-    def seen(self, layer: int, expert: int) -> int:
-        """Rows (routed tokens) the expert was offered during calibration; ``rows`` holds at most cap."""
-        return self.inputs.seen[layer][expert]
-
-    def rows(self, layer: int, expert: int) -> np.ndarray:
-        """The expert's kept routed inputs as float32 ``[n, H]``; n = min(seen, cap), maybe 0."""
-        kept = self.inputs.kept[layer][expert]
-        f = self._file(layer)
-        if kept == 0:
-            return np.zeros((0, self.hidden), dtype=np.float32)
-        return f.read(tensor_name(expert))
-
-    def _file(self, layer: int) -> SafetensorsFile:
-        f = self._open.get(layer)
-        if f is None:
-            if not 0 <= layer < len(self.inputs.files):
-                raise IndexError(f"layer {layer} out of range: the inputs cover {len(self.inputs.files)} layers")
-            rel = self.inputs.files[layer]
-            f = SafetensorsFile(verify_file(self.bundle, self.manifest, rel))
-            want = {tensor_name(e): (n, self.hidden) for e, n in enumerate(self.inputs.kept[layer]) if n}
-            if {name: t.shape for name, t in f.tensors.items()} != want:
-                raise BundleError(f"{self.bundle / rel} does not hold the rows calibration.json records",
-                                  "rerun: dymoe calibrate BUNDLE --data TEXT --collect-inputs")
-            self._open[layer] = f
-        return f
-
-
-def load_expert_inputs(bundle: Path, manifest: Manifest, calibration: Calibration) -> ExpertInputsReader:
-    """The reader of ``calibration``'s collected expert inputs (BundleError when it has none)."""
-    if calibration.expert_inputs is None:
-        raise BundleError(f"bundle {bundle} has no collected expert inputs",
-                          "run: dymoe calibrate BUNDLE --data TEXT --collect-inputs")
-    return ExpertInputsReader(bundle, manifest, calibration.expert_inputs)

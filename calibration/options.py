@@ -11,11 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dymoe.errors import InputError
-
-CALIBRATION_NAME = "calibration.json"  # written into the bundle, listed in manifest.json
-REPORT_DIRNAME = "calibration-report"  # default report folder, inside the bundle folder
-INPUTS_DIRNAME = "calibration-inputs"  # --collect-inputs: one safetensors file per layer, listed in manifest.json
+from dymoe.bundle.errors import InputError
 
 SAMPLES = 64  # token windows drawn from the data: importance and predictability (one pass)
 SENSITIVITY_SAMPLES = 16  # the first of those drawn: each sensitivity variant runs over them again
@@ -42,7 +38,6 @@ TARGET_KL = 0.05
 # The paper's schedule for comparison: r(l) = r_min + (r_max - r_min) * (1 + cos(pi * l / (L - 1))) / 2.
 COSINE_R_MAX = 1.0
 COSINE_R_MIN = 0.5
-FLOAT_DIGITS = 6  # significant digits of every float in calibration.json
 # --collect-inputs: at most this many routed hidden states (rows) kept per (layer, expert), drawn
 # uniformly from all the expert received (reservoir sampling), for GPTQ's Hessian X^T X. GPTQ wants
 # a few times the expert's hidden size in rows; memory and disk are layers x experts x N x hidden x 2 bytes

@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from dymoe.errors import BundleError
+from dymoe.bundle.errors import BundleError
 from dymoe.runtime.bundle import Bundle
 from dymoe.runtime.experts import LayerStep
 

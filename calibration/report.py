@@ -6,14 +6,13 @@ statistics (and the runtime reading calibration.json) never need it.
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
-from dymoe.errors import DymoeError, InputError
-from dymoe.fsutil import atomic_write_bytes, atomic_write_text, check_output_dir
-
-from .schema import Calibration
-from .sensitivity import SKIP
+from dymoe.bundle.calibration import Calibration
+from dymoe.bundle.errors import InputError
+from dymoe.bundle.fsutil import atomic_write_text, check_output_dir
+from dymoe.bundle.precisions import SKIP
+from dymoe.runtime.plotting import require_matplotlib, save_png
 
 FIGURES = {
     "importance": "importance_heatmap.png",
@@ -23,18 +22,6 @@ FIGURES = {
     "schedule": "retention_schedule.png",
 }
 REPORT_MD = "report.md"
-
-
-def require_matplotlib():
-    try:
-        import matplotlib
-    except ImportError:
-        raise DymoeError("the calibration report needs matplotlib, which is not installed",
-                         "pip install matplotlib (or pass --no-report)") from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def check_report_folder(folder: Path) -> Path:
@@ -60,11 +47,7 @@ def write_report(cal: Calibration, folder: Path, seconds: dict[str, float] | Non
         if fig is None:
             (folder / FIGURES[key]).unlink(missing_ok=True)  # no stale plot from an earlier run
             continue
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=110, bbox_inches="tight", metadata={"Software": None})
-        plt.close(fig)
-        atomic_write_bytes(folder / FIGURES[key], buf.getvalue())
-        written.append(folder / FIGURES[key])
+        written.append(save_png(fig, folder / FIGURES[key], dpi=110))
     names = {p.name for p in written}
     atomic_write_text(folder / REPORT_MD, markdown(cal, seconds, names, source))
     written.append(folder / REPORT_MD)

@@ -23,28 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-import dymoe
-from dymoe.bundle_folder import remove_listed
-from dymoe.errors import BundleError, InputError
-from dymoe.fsutil import atomic_write_bytes, atomic_write_text, require_free_space
-from dymoe.lock import bundle_lock
-from dymoe.manifest import FileEntry, Manifest, check_confined, read_manifest
-from dymoe.paths import real_subdir, resolve
-from dymoe.runtime.bundle import Bundle
-from dymoe.runtime.model import MoEModel
-from dymoe.runtime.tokenizer import TextTokenizer
-
-from . import data as data_mod
-from . import schedule as sched
-from .bank import ExpertBank
-from .collect import CollectingExperts, ReferenceCache
-from .inputs import InputRecorder, available_memory, memory_bound, require_memory
-from .options import CALIBRATION_NAME, INPUTS_DIRNAME, CalibrationOptions
-from .predict import PredictionTally, read_routers
-from .schema import (
+from dymoe.bundle.calibration import (
     SCHEMA_VERSION,
     BundleRef,
     Calibration,
@@ -58,8 +38,31 @@ from .schema import (
     Settings,
     Skew,
 )
-from .sensitivity import SKIP, PerturbedExperts, perturbations
-from .stats import coverage_count, gini, log_softmax, nll_of, normalized_entropy, top_share
+from dymoe.bundle.errors import BundleError, InputError
+from dymoe.bundle.folder import remove_listed
+from dymoe.bundle.fsutil import atomic_write_bytes, atomic_write_text, require_free_space
+from dymoe.bundle.inputs import memory_bound
+from dymoe.bundle.lock import bundle_lock
+from dymoe.bundle.manifest import FileEntry, Manifest, check_confined, read_manifest
+from dymoe.bundle.naming import CALIBRATION_NAME, INPUTS_DIRNAME
+from dymoe.bundle.paths import real_subdir, resolve
+from dymoe.bundle.precisions import SKIP
+from dymoe.bundle.progress import Counter, ProgressFn
+from dymoe.bundle.version import __version__
+from dymoe.runtime.bundle import Bundle
+from dymoe.runtime.maths import log_softmax
+from dymoe.runtime.model import MoEModel
+from dymoe.runtime.tokenizer import TextTokenizer
+
+from . import data as data_mod
+from . import schedule as sched
+from .bank import ExpertBank
+from .collect import CollectingExperts, ReferenceCache
+from .inputs import InputRecorder, available_memory, require_memory
+from .options import CalibrationOptions
+from .predict import PredictionTally, read_routers
+from .sensitivity import PerturbedExperts, perturbations
+from .stats import coverage_count, gini, nll_of, normalized_entropy, top_share
 
 
 @dataclass
@@ -111,19 +114,13 @@ class _Switch:
         pass
 
 
-def _progress(enabled: bool) -> Progress:
-    return Progress(TextColumn("[bold]calibrate[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True),
-                    disable=not enabled, transient=False)
-
-
 def recall_ks(top_k: int, num_experts: int) -> list[int]:
     """Prefetch sizes whose recall is measured: k and 2k experts (capped at E)."""
     return sorted({top_k, min(num_experts, 2 * top_k)})
 
 
 def measure(bundle_path: Path, data_paths: Sequence[Path], options: CalibrationOptions = CalibrationOptions(),
-            progress: bool = False) -> Measured:
+            progress: ProgressFn | None = None) -> Measured:
     options.validate()
     clock = {"load": time.perf_counter()}
     data_mod.discover(data_paths)  # missing paths first: cheaper than opening the bundle
@@ -151,52 +148,51 @@ def measure(bundle_path: Path, data_paths: Sequence[Path], options: CalibrationO
     rerun = sampled.subset(options.sensitivity_samples) if todo else []
     seconds: dict[str, float] = {}
 
-    with _progress(progress) as bar:
-        task = bar.add_task("loading experts", total=spec.num_layers * spec.num_experts)
-        bank = ExpertBank(bundle, on_load=lambda: bar.advance(task))
-        routers = read_routers(bundle)
-        switch = _Switch()
-        model = MoEModel(bundle, switch)
-        seconds["load"] = time.perf_counter() - clock["load"]
+    counter = Counter(progress, "calibrate: loading experts", spec.num_layers * spec.num_experts)
+    bank = ExpertBank(bundle, on_load=counter.tick)
+    routers = read_routers(bundle)
+    switch = _Switch()
+    model = MoEModel(bundle, switch)
+    seconds["load"] = time.perf_counter() - clock["load"]
 
-        t0 = time.perf_counter()
-        bar.update(task, description="reference pass", total=len(windows) + len(rerun) * len(todo), completed=0)
-        tally = PredictionTally(routers, recall_ks(k, spec.num_experts))
-        cache = ReferenceCache(set(rerun))
-        recorder = InputRecorder(spec.num_layers, spec.num_experts, spec.hidden_size, options.inputs_per_expert,
-                                 options.seed) if options.collect_inputs else None
-        collector = CollectingExperts(bank, options.heavy_hitter_fraction, tally, cache, recorder)
-        switch.current = collector
-        reference: dict[int, Reference] = {}
-        for i, w in enumerate(windows):
-            collector.window = i
-            logits = model.forward(w, model.new_cache(), all_logits=True)
-            if i in cache.windows:
-                reference[i] = Reference.of(logits, w)
-            bar.advance(task)
-        inputs, expert_inputs = recorder.encode() if recorder is not None else ({}, None)
-        seconds["reference"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    counter.relabel("calibrate: reference pass", total=len(windows) + len(rerun) * len(todo), done=0)
+    tally = PredictionTally(routers, recall_ks(k, spec.num_experts))
+    cache = ReferenceCache(set(rerun))
+    recorder = InputRecorder(spec.num_layers, spec.num_experts, spec.hidden_size, options.inputs_per_expert,
+                             options.seed) if options.collect_inputs else None
+    collector = CollectingExperts(bank, options.heavy_hitter_fraction, tally, cache, recorder)
+    switch.current = collector
+    reference: dict[int, Reference] = {}
+    for i, w in enumerate(windows):
+        collector.window = i
+        logits = model.forward(w, model.new_cache(), all_logits=True)
+        if i in cache.windows:
+            reference[i] = Reference.of(logits, w)
+        counter.tick()
+    inputs, expert_inputs = recorder.encode() if recorder is not None else ({}, None)
+    seconds["reference"] = time.perf_counter() - t0
 
-        t0 = time.perf_counter()
-        results: dict[tuple[int, str, float], tuple[float, float]] = {}
-        for n, p in enumerate(todo):
-            what = "all" if p.retention == 0 else f"r={p.retention:g}"
-            bar.update(task, description=f"layer {p.layer} {p.mode} ({what})")
-            switch.current = executor = PerturbedExperts(bank, p, cache)
-            kl, nll = 0.0, 0.0
-            for i in rerun:
-                executor.window = i
-                logits = model.forward(windows[i], model.new_cache(), all_logits=True)
-                dkl, dnll = reference[i].compare(logits, windows[i])
-                kl, nll = kl + dkl, nll + dnll
-                bar.advance(task)
-            results[(p.layer, p.mode, p.retention)] = (kl, nll)
-            if n + 1 == len(todo) or todo[n + 1].layer != p.layer:
-                for m in bundle.precisions[1:]:
-                    bank.drop(p.layer, m)
-        if todo:
-            seconds["sensitivity"] = time.perf_counter() - t0
-        bank.close()
+    t0 = time.perf_counter()
+    results: dict[tuple[int, str, float], tuple[float, float]] = {}
+    for n, p in enumerate(todo):
+        what = "all" if p.retention == 0 else f"r={p.retention:g}"
+        counter.relabel(f"calibrate: layer {p.layer} {p.mode} ({what})")
+        switch.current = executor = PerturbedExperts(bank, p, cache)
+        kl, nll = 0.0, 0.0
+        for i in rerun:
+            executor.window = i
+            logits = model.forward(windows[i], model.new_cache(), all_logits=True)
+            dkl, dnll = reference[i].compare(logits, windows[i])
+            kl, nll = kl + dkl, nll + dnll
+            counter.tick()
+        results[(p.layer, p.mode, p.retention)] = (kl, nll)
+        if n + 1 == len(todo) or todo[n + 1].layer != p.layer:
+            for m in bundle.precisions[1:]:
+                bank.drop(p.layer, m)
+    if todo:
+        seconds["sensitivity"] = time.perf_counter() - t0
+    bank.close()
 
     settings = Settings(
         samples=len(windows), sensitivity_samples=len(rerun), seq_len=options.seq_len, seed=options.seed,
@@ -215,7 +211,7 @@ def measure(bundle_path: Path, data_paths: Sequence[Path], options: CalibrationO
         sensitivity = _sensitivity(results, ref_nll, positions, scored)
         schedule = _schedule(sensitivity, modes, grid, spec.num_layers, k, options)
     calibration = Calibration(
-        schema_version=SCHEMA_VERSION, dymoe_version=dymoe.__version__,
+        schema_version=SCHEMA_VERSION, dymoe_version=__version__,
         bundle=BundleRef(bundle.manifest.source.fingerprint_sha256, spec.model_type, spec.num_layers,
                          spec.num_experts, k),
         settings=settings, importance=_importance(collector, k, options), sensitivity=sensitivity,
@@ -339,7 +335,7 @@ def _stale_inputs(bundle_path: Path, manifest: Manifest, keep: set[str]) -> list
 
 
 def calibrate(bundle_path: Path, data_paths: Sequence[Path], options: CalibrationOptions = CalibrationOptions(),
-              progress: bool = False) -> tuple[Measured, Path]:
+              progress: ProgressFn | None = None) -> tuple[Measured, Path]:
     """Measure and commit, holding the bundle's writer lock throughout: a second writer is told
     at once, and a bundle that cannot be written fails before the measurement, not after."""
     bundle_path = Path(bundle_path)

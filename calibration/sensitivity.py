@@ -17,13 +17,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from dymoe.bundle.precisions import SKIP
 from dymoe.runtime.experts import LayerStep
 
 from .bank import ExpertBank
 from .collect import ReferenceCache
 from .schedule import kept_per_token
-
-SKIP = "skip"
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,8 @@ import math
 
 import numpy as np
 
+from dymoe.runtime.maths import log_softmax
+
 
 def _nonneg(values) -> np.ndarray:
     x = np.asarray(values, dtype=np.float64).ravel()
@@ -93,12 +95,6 @@ def recall_at_k(predicted: np.ndarray, actual: np.ndarray) -> float:
     return recall_hits(predicted, actual) / actual.size
 
 
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    z = np.asarray(logits, dtype=np.float64)
-    z = z - z.max(axis=-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
-
-
 def kl_rows(ref_logp: np.ndarray, logits: np.ndarray) -> np.ndarray:
     """KL(P_ref || Q) per row in nats, from the reference log-probabilities and Q's logits."""
     ref_logp = np.asarray(ref_logp, dtype=np.float64)
@@ -115,12 +111,3 @@ def nll_of(logp: np.ndarray, ids: np.ndarray) -> np.ndarray:
     """As :func:`nll_rows`, from log-probabilities (any rows past ``len(ids) - 1`` are ignored)."""
     target = np.asarray(ids)[1:]
     return -logp[np.arange(target.size), target]
-
-
-def round_sig(x: float, digits: int) -> float:
-    """``x`` rounded to ``digits`` significant digits (the form every calibration.json float takes)."""
-    if not math.isfinite(x):
-        raise ValueError(f"non-finite value {x}")
-    if x == 0:
-        return 0.0
-    return float(f"{x:.{digits}g}")

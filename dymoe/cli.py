@@ -19,9 +19,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from dymoe import defaults
+from dymoe.bundle.errors import DymoeError, InputError
+from dymoe.bundle.naming import INPUTS_DIRNAME, REPORT_DIRNAME
 from dymoe.calibration import options as cal_defaults
-from dymoe.errors import DymoeError, InputError
+from dymoe.console import reporter
+from dymoe.demo import DEMO_BUDGET
+from dymoe.runtime import options as run_defaults
+from dymoe.toolchain import options as export_defaults
 
 app = typer.Typer(
     name="dymoe",
@@ -84,7 +88,7 @@ def _fail(e: DymoeError):
 
 def _os_error(e: OSError) -> DymoeError:
     """The last line of defence: an operating-system error no check foresaw, said plainly."""
-    from dymoe.fsutil import disk_full_error
+    from dymoe.bundle.fsutil import disk_full_error
 
     where = f": {e.filename}" if e.filename else ""
     if (full := disk_full_error(e, "writing")) is not None:
@@ -105,19 +109,21 @@ def export(
     model: Annotated[str, typer.Argument(help="Hugging Face checkpoint folder, or a hub id (needs huggingface_hub).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Bundle folder to write.")],
     precisions: Annotated[str, typer.Option(
-        help="Comma list from fp32, fp16, int8, int4, int2.")] = ",".join(defaults.PRECISIONS),
-    block_size: Annotated[int, typer.Option(help="Quantization block along the input features.")] = defaults.BLOCK_SIZE,
-    workers: Annotated[int, typer.Option(help="Parallel processes for expert quantization.")] = defaults.EXPORT_WORKERS,
+        help="Comma list from fp32, fp16, int8, int4, int2.")] = ",".join(export_defaults.PRECISIONS),
+    block_size: Annotated[int, typer.Option(
+        help="Quantization block along the input features.")] = export_defaults.BLOCK_SIZE,
+    workers: Annotated[int, typer.Option(help="Parallel processes for expert quantization.")] = export_defaults.WORKERS,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing bundle or unfinished export.")] = False,
     quantizer: Annotated[str, typer.Option(
         help="How integer codes are chosen: rtn (round to nearest), hqq (optimised scales, no data) or gptq "
-             "(error compensation with each expert's routed inputs; needs --calibration-data).")] = defaults.QUANTIZER,
+             "(error compensation with each expert's routed inputs; needs --calibration-data).")
+    ] = export_defaults.QUANTIZER,
     calibration_data: Annotated[list[Path] | None, typer.Option(
         help="gptq only: text file(s), JSON Lines or folders to collect the experts' inputs from (repeatable).")
     ] = None,
     gptq_min_tokens: Annotated[int, typer.Option(
         help="gptq only: experts routed fewer calibration tokens fall back to hqq (recorded in the manifest).")
-    ] = defaults.GPTQ_MIN_TOKENS,
+    ] = export_defaults.GPTQ_MIN_TOKENS,
     inputs_per_expert: Annotated[int, typer.Option(
         metavar="N", help="gptq only: routed hidden states kept per expert; memory about layers x experts x N x "
                           "hidden x 2 bytes.")] = cal_defaults.INPUTS_PER_EXPERT,
@@ -129,16 +135,23 @@ def export(
 
     Example: dymoe export ./Qwen3-30B-A3B --out bundles/qwen3 --quantizer gptq --calibration-data train.txt
     """
-    from dymoe.toolchain.export import ExportOptions
-    from dymoe.toolchain.export import export as run_export
+    from dymoe.pipelines import GptqOptions
+    from dymoe.pipelines import export as run_export
+    from dymoe.toolchain.options import QUANTIZERS, ExportOptions
 
+    if quantizer not in QUANTIZERS:
+        raise InputError(f"unknown quantizer {quantizer!r}", f"choose from {', '.join(QUANTIZERS)}")
+    if quantizer != "gptq" and calibration_data:
+        raise InputError("--calibration-data is only used by --quantizer gptq", "drop it, or add --quantizer gptq")
     t0 = time.perf_counter()
-    opts = ExportOptions(precisions=tuple(p.strip() for p in precisions.split(",") if p.strip()),
-                         block_size=block_size, workers=workers, force=force, progress=sys.stderr.isatty(),
-                         quantizer=quantizer, calibration_data=tuple(str(p) for p in calibration_data or ()),
-                         gptq_min_tokens=gptq_min_tokens, inputs_per_expert=inputs_per_expert)
+    gptq = GptqOptions(tuple(str(p) for p in calibration_data or ()), gptq_min_tokens,
+                       inputs_per_expert) if quantizer == "gptq" else None
     try:
-        manifest = run_export(model, out, opts)
+        with reporter(err) as progress:
+            opts = ExportOptions(precisions=tuple(p.strip() for p in precisions.split(",") if p.strip()),
+                                 block_size=block_size, workers=workers, force=force, progress=progress,
+                                 quantizer="hqq" if gptq else quantizer)
+            manifest = run_export(model, out, opts, gptq)
     except KeyboardInterrupt:
         raise DymoeError(f"export to {out} interrupted; finished files are kept",
                          "rerun the same command to resume") from None
@@ -151,12 +164,12 @@ def export(
 def requantize(
     bundle: Annotated[Path, typer.Argument(help="Bundle folder (needs fp16 or fp32 experts to read weights from).")],
     quantizer: Annotated[str, typer.Option(help="rtn, hqq or gptq (gptq needs dymoe calibrate --collect-inputs first).")
-                         ] = defaults.QUANTIZER,
+                         ] = export_defaults.QUANTIZER,
     precisions: Annotated[str, typer.Option(
         help="Integer precisions to rewrite or add, comma list; empty = every integer precision of the bundle.")] = "",
     gptq_min_tokens: Annotated[int, typer.Option(
         help="gptq: experts routed fewer calibration tokens fall back to hqq (recorded in the manifest).")
-    ] = defaults.GPTQ_MIN_TOKENS,
+    ] = export_defaults.GPTQ_MIN_TOKENS,
 ) -> None:
     """Rewrite the low-bit experts of an existing bundle with another quantizer. The bundle stays
     usable throughout (manifest.json switches in one atomic write); an interrupted run resumes.
@@ -166,7 +179,8 @@ def requantize(
 
     Example: dymoe requantize bundles/qwen3 --quantizer hqq --precisions int4,int2
     """
-    from dymoe.toolchain.quantizers import QUANTIZERS, QuantizerOptions
+    from dymoe.toolchain.options import QUANTIZERS
+    from dymoe.toolchain.quantizers import QuantizerOptions
     from dymoe.toolchain.requantize import RequantizeOptions
     from dymoe.toolchain.requantize import requantize as run_requantize
 
@@ -175,11 +189,12 @@ def requantize(
     if gptq_min_tokens < 1:
         raise InputError(f"--gptq-min-tokens {gptq_min_tokens} must be at least 1")
     t0 = time.perf_counter()
-    opts = RequantizeOptions(quantizer=QuantizerOptions(quantizer, min_tokens=gptq_min_tokens),
-                             precisions=tuple(p.strip() for p in precisions.split(",") if p.strip()),
-                             progress=sys.stderr.isatty())
     try:
-        m = run_requantize(bundle, opts)
+        with reporter(err) as progress:
+            opts = RequantizeOptions(quantizer=QuantizerOptions(quantizer, min_tokens=gptq_min_tokens),
+                                     precisions=tuple(p.strip() for p in precisions.split(",") if p.strip()),
+                                     progress=progress)
+            m = run_requantize(bundle, opts)
     except KeyboardInterrupt:
         raise DymoeError(f"requantize of {bundle} interrupted; the bundle is unchanged and finished files are kept",
                          "rerun the same command to resume") from None
@@ -197,7 +212,7 @@ def info(bundle: Annotated[Path, typer.Argument(help="Bundle folder.")]) -> None
 
     Example: dymoe info bundles/qwen3
     """
-    from dymoe.manifest import read_manifest
+    from dymoe.bundle.manifest import read_manifest
 
     m = read_manifest(bundle)
     s = m.model
@@ -238,7 +253,8 @@ def info(bundle: Annotated[Path, typer.Argument(help="Bundle folder.")]) -> None
 def run(
     bundle: Annotated[Path, typer.Argument(help="Bundle folder.")],
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="Text to continue.")],
-    max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate at most.")] = defaults.MAX_NEW_TOKENS,
+    max_new_tokens: Annotated[int, typer.Option(
+        min=1, help="Tokens to generate at most.")] = run_defaults.MAX_NEW_TOKENS,
     temperature: Annotated[float, typer.Option(min=0.0, help="0 is greedy.")] = 0.0,
     top_p: Annotated[float, typer.Option(min=0.0, max=1.0, help="Nucleus sampling mass.")] = 1.0,
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
@@ -248,7 +264,7 @@ def run(
         help="Budgeted policy: ondemand, lru, lru-prefetch, static-int4, static-int2, dymoe.")] = None,
     budget: Annotated[str, typer.Option(
         help="Memory for resident experts: a size (600MiB, 1.5GB) or a share of all experts at top precision.")]
-    = defaults.BUDGET,
+    = run_defaults.BUDGET,
     policy_config: Annotated[Path | None, typer.Option(help="TOML file with policy settings.")] = None,
     ladder: Annotated[str | None, typer.Option(help="Precision ladder, e.g. 4/2, 4/0, 8/4/2, fp16/4/0.")] = None,
     retention: Annotated[float | None, typer.Option(help="r: share of selected experts kept at the top step.")]
@@ -284,9 +300,10 @@ def run(
       dymoe run bundles/q3 -p "Once" --policy dymoe --budget 25% --io direct --storage-profile orin-nano-nvme
       dymoe run bundles/q3 -p "Once" --policy dymoe --ladder 8/4/2 --retention 0.75 --schedule cosine
     """
-    from dymoe.fsutil import check_output_file
+    from dymoe.bundle.fsutil import check_output_file
+    from dymoe.runtime.model_session import open_model
+    from dymoe.runtime.policy_config import PolicyRun
     from dymoe.runtime.sampling import SamplingParams
-    from dymoe.runtime.session import PolicyRun, open_model
 
     if metrics_json:
         check_output_file(metrics_json, "--metrics-json")
@@ -302,7 +319,8 @@ def run(
         engine_cache=None if engine_cache == "off" else engine_cache, overrides=overrides,
         on_note=lambda note: err.print(f"[yellow]warning:[/] {note}", highlight=False))
     sampling = SamplingParams(temperature, top_p, seed)  # checked before the bundle is opened
-    session = open_model(bundle, precision=precision, progress=sys.stderr.isatty(), policy=plan)
+    with reporter(err) as progress:
+        session = open_model(bundle, precision=precision, progress=progress, policy=plan)
     try:
         result = session.generate(prompt, max_new_tokens=max_new_tokens, temperature=sampling.temperature,
                                   top_p=sampling.top_p, seed=sampling.seed,
@@ -313,7 +331,7 @@ def run(
         session.close()
     _print_run_summary(metrics)
     if metrics_json:
-        from dymoe.fsutil import atomic_write_text
+        from dymoe.bundle.fsutil import atomic_write_text
 
         atomic_write_text(metrics_json, json.dumps(metrics, indent=1) + "\n")
 
@@ -339,9 +357,9 @@ def _print_run_summary(m: dict) -> None:
 @friendly
 def bench(
     bundle: Annotated[Path, typer.Argument(help="Bundle folder.")],
-    policies: Annotated[str, typer.Option(help="Comma list of policies to compare.")] = defaults.BENCH_POLICIES,
+    policies: Annotated[str, typer.Option(help="Comma list of policies to compare.")] = run_defaults.BENCH_POLICIES,
     budget: Annotated[str, typer.Option(help="Expert memory budget (size or %% of full-precision experts).")]
-    = defaults.BENCH_BUDGET,
+    = run_defaults.BENCH_BUDGET,
     sweep_budget: Annotated[str | None, typer.Option(help="Comma list of budgets to repeat the comparison at.")]
     = None,
     io: Annotated[str, typer.Option(help="cached, or direct (loads read storage).")] = "cached",
@@ -351,7 +369,8 @@ def bench(
     prompts: Annotated[Path | None, typer.Option(help="Prompts: one per line, or JSON Lines with 'prompt'.")] = None,
     prompt_tokens: Annotated[int | None, typer.Option(min=1, help="Cut or repeat each prompt to this length.")]
     = None,
-    new_tokens: Annotated[int, typer.Option(min=1, help="Tokens generated per run.")] = defaults.BENCH_NEW_TOKENS,
+    new_tokens: Annotated[int, typer.Option(
+        min=1, help="Tokens generated per run.")] = run_defaults.BENCH_NEW_TOKENS,
     repeats: Annotated[int, typer.Option(min=1, help="Rounds over all prompts and policies.")] = 3,
     accuracy: Annotated[bool, typer.Option("--accuracy/--no-accuracy", help="Measure perplexity per policy.")]
     = True,
@@ -370,10 +389,11 @@ def bench(
       dymoe bench B --policies ondemand,lru,lru-prefetch,static-int4,dymoe --budget 25% --io direct
       dymoe bench B --sweep-budget 15%,25%,50%,100% --storage-profile orin-nano-nvme --plot results/
     """
-    from dymoe.fsutil import check_output_dir, check_output_file
+    from dymoe.bundle.fsutil import check_output_dir, check_output_file
     from dymoe.runtime.bench import BenchOptions, read_prompts, run_bench
-    from dymoe.runtime.bench_report import print_tables, write_plots
-    from dymoe.runtime.session import PolicyRun
+    from dymoe.runtime.bench_plots import write_plots
+    from dymoe.runtime.policy_config import PolicyRun
+    from dymoe.tables import print_tables
 
     if json_out:
         check_output_file(json_out, "--json")
@@ -388,11 +408,11 @@ def bench(
         base=PolicyRun("lru", io=io, storage_profile=storage_profile, full_precision=full_precision),
         prompts=read_prompts(prompts) if prompts else None, prompt_tokens=prompt_tokens, new_tokens=new_tokens,
         repeats=repeats, accuracy=accuracy, data=data, window=window, windows=windows)
-    with _spinner("benchmarking") as tick:
-        result = run_bench(bundle, opts, on_run=tick)
+    with reporter(err) as progress:
+        result = run_bench(bundle, opts, progress)
     print_tables(result, out)
     if json_out:
-        from dymoe.fsutil import atomic_write_text
+        from dymoe.bundle.fsutil import atomic_write_text
 
         atomic_write_text(json_out, json.dumps(result, indent=1) + "\n")
         err.print(f"wrote {json_out}")
@@ -407,7 +427,7 @@ def evaluate(
     bundle: Annotated[Path, typer.Argument(help="Bundle folder.")],
     data: Annotated[Path | None, typer.Option(help="Held-out text (default: the demo model's).")] = None,
     policy: Annotated[str | None, typer.Option(help="Evaluate under this budgeted policy.")] = None,
-    budget: Annotated[str, typer.Option(help="Budget for --policy.")] = defaults.BUDGET,
+    budget: Annotated[str, typer.Option(help="Budget for --policy.")] = run_defaults.BUDGET,
     precision: Annotated[str | None, typer.Option(help="All experts at this precision (default: highest).")]
     = None,
     window: Annotated[int, typer.Option(min=2, help="Tokens per window.")] = 128,
@@ -421,50 +441,35 @@ def evaluate(
       dymoe eval B --data heldout.txt
       dymoe eval B --policy dymoe --budget 25%
     """
-    from rich.progress import Progress
-
-    from dymoe.fsutil import check_output_file, read_user_text
-    from dymoe.runtime.evaluate import perplexity, top1_agreement, windows
-    from dymoe.runtime.session import PolicyRun, open_model
+    from dymoe.bundle.fsutil import check_output_file, read_user_text
+    from dymoe.runtime.bundle import Bundle
+    from dymoe.runtime.evaluate import evaluate
+    from dymoe.runtime.policy_config import PolicyRun
+    from dymoe.runtime.tokenizer import TextTokenizer
 
     if json_out:
         check_output_file(json_out, "--json")
+    if policy is not None and precision is not None:
+        raise InputError("--precision and --policy exclude each other", "choose one")
     if data is None:
         data = _demo_heldout_if_demo(bundle)
         if data is None:
-            raise DymoeError("no --data given and this bundle is not the demo model's", "pass --data FILE")
-    if policy is not None and precision is not None:
-        raise DymoeError("--precision and --policy exclude each other", "choose one")
+            raise InputError("no --data given and this bundle is not the demo model's", "pass --data FILE")
     text = read_user_text(data, "--data")
-    results = {}
-    session = open_model(bundle, precision=precision,
-                         policy=PolicyRun(policy, budget) if policy else None)
-    ids = session.tokenizer.encode(text)
-    n = len(windows(ids, min(window, session.bundle.spec.max_position_embeddings), max_windows))
-    try:
-        with Progress(transient=True, console=err) as bar:
-            task = bar.add_task(f"perplexity ({session.label})", total=n)
-            results["run"] = perplexity(session.model, ids, window, max_windows, stepwise=policy is not None,
-                                        on_window=lambda i: bar.advance(task))
-            ref_prec = "fp32" if "fp32" in session.bundle.precisions else session.bundle.precisions[0]
-            if policy is not None or (precision or session.bundle.precisions[0]) != ref_prec:
-                ref = open_model(bundle, precision=ref_prec)
-                task = bar.add_task(f"reference ({ref_prec})", total=n)
-                results["reference"] = perplexity(ref.model, ids, window, max_windows,
-                                                  on_window=lambda i: bar.advance(task))
-    finally:
-        session.close()
-    r = results["run"]
-    report = {"bundle": str(bundle), "data": str(data), "experts": session.label, "perplexity": r.ppl,
+    ids = TextTokenizer(Bundle(bundle).tokenizer_path()).encode(text)
+    with reporter(err) as progress:
+        result = evaluate(bundle, ids, precision=precision, policy=PolicyRun(policy, budget) if policy else None,
+                          window=window, max_windows=max_windows, progress=progress)
+    r = result.run
+    report = {"bundle": str(bundle), "data": str(data), "experts": result.label, "perplexity": r.ppl,
               "nll": r.nll, "tokens": r.tokens, "windows": r.windows}
-    if "reference" in results:
-        ref = results["reference"]
-        report.update(reference_perplexity=ref.ppl, top1_agreement=top1_agreement(r, ref))
-    out.print(f"perplexity {r.ppl:.4f} over {r.tokens} tokens ({r.windows} windows, {session.label})"
-              + (f"; reference {report['reference_perplexity']:.4f}, top-1 agreement {report['top1_agreement']:.3f}"
-                 if "reference" in results else ""))
+    if result.reference is not None:
+        report.update(reference_perplexity=result.reference.ppl, top1_agreement=result.top1_agreement)
+    out.print(f"perplexity {r.ppl:.4f} over {r.tokens} tokens ({r.windows} windows, {result.label})"
+              + (f"; reference ({result.reference_label}) {result.reference.ppl:.4f}, top-1 agreement "
+                 f"{result.top1_agreement:.3f}" if result.reference is not None else ""))
     if json_out:
-        from dymoe.fsutil import atomic_write_text
+        from dymoe.bundle.fsutil import atomic_write_text
 
         atomic_write_text(json_out, json.dumps(report, indent=1) + "\n")
 
@@ -478,36 +483,11 @@ def _demo_heldout_if_demo(bundle: Path) -> Path | None:
     return demo_heldout_for(bundle)
 
 
-class _spinner:
-    """A progress line that counts finished runs (on stderr, only on a terminal)."""
-
-    def __init__(self, label: str) -> None:
-        from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-        self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                                 console=err, transient=True, disable=not sys.stderr.isatty())
-        self.label = label
-        self.count = 0
-
-    def __enter__(self):
-        self.progress.__enter__()
-        self.task = self.progress.add_task(self.label)
-
-        def tick(policy: str) -> None:
-            self.count += 1
-            self.progress.update(self.task, description=f"{self.label}: {self.count} runs (last: {policy})")
-
-        return tick
-
-    def __exit__(self, *exc):
-        return self.progress.__exit__(*exc)
-
-
 @app.command()
 @friendly
 def demo(
     model: Annotated[Path | None, typer.Option(help="Run the demo on another checkpoint folder instead.")] = None,
-    budget: Annotated[str, typer.Option(help="Expert memory budget for the demo.")] = defaults.DEMO_BUDGET,
+    budget: Annotated[str, typer.Option(help="Expert memory budget for the demo.")] = DEMO_BUDGET,
 ) -> None:
     """Export the model that ships with dymoe (once; cached), generate under a memory budget,
     and compare LRU offloading with DyMoE. No download needed.
@@ -516,7 +496,8 @@ def demo(
     """
     from dymoe.demo import run_demo
 
-    run_demo(out, err, model=model, budget=budget, progress=sys.stderr.isatty())
+    with reporter(err) as progress:
+        run_demo(out, err, model=model, budget=budget, progress=progress)
 
 
 @app.command()
@@ -537,14 +518,14 @@ def calibrate(
     target_kl: Annotated[float, typer.Option(
         min=0.0, help="Mean-KL budget (nats) for the recommended retention r(l).")] = cal_defaults.TARGET_KL,
     report: Annotated[Path | None, typer.Option(
-        help=f"Report folder (default: BUNDLE/{cal_defaults.REPORT_DIRNAME}).", show_default=False)] = None,
+        help=f"Report folder (default: BUNDLE/{REPORT_DIRNAME}).", show_default=False)] = None,
     report_only: Annotated[bool, typer.Option(
         "--report-only", help="Rebuild the report from the bundle's calibration.json; measure nothing.")] = False,
     no_report: Annotated[bool, typer.Option("--no-report", help="Write calibration.json only.")] = False,
     no_sensitivity: Annotated[bool, typer.Option(
         "--no-sensitivity", help="Importance and predictability only (one pass).")] = False,
     collect_inputs: Annotated[bool, typer.Option(
-        help=f"Also keep each expert's routed hidden states (BUNDLE/{cal_defaults.INPUTS_DIRNAME}/), for "
+        help=f"Also keep each expert's routed hidden states (BUNDLE/{INPUTS_DIRNAME}/), for "
              "`dymoe requantize --quantizer gptq`; memory and disk: about layers x experts x N x hidden x 2 bytes.")
     ] = False,
     inputs_per_expert: Annotated[int, typer.Option(
@@ -564,10 +545,10 @@ def calibrate(
     from dymoe.calibration import report as cal_report
     from dymoe.calibration.options import CalibrationOptions
 
-    folder = report or bundle / cal_defaults.REPORT_DIRNAME
+    folder = report or bundle / REPORT_DIRNAME
     if report_only:
-        from dymoe.calibration.schema import read_calibration
-        from dymoe.manifest import read_manifest
+        from dymoe.bundle.calibration import read_calibration
+        from dymoe.bundle.manifest import read_manifest
 
         manifest = read_manifest(bundle)
         cal_report.check_report_folder(folder)
@@ -584,7 +565,8 @@ def calibrate(
     opts = CalibrationOptions(samples=samples, sensitivity_samples=sensitivity_samples, seq_len=seq_len, seed=seed,
                               target_kl=target_kl, sensitivity=not no_sensitivity, collect_inputs=collect_inputs,
                               inputs_per_expert=inputs_per_expert)
-    measured, path = run_calibration(bundle, paths, opts, progress=sys.stderr.isatty())
+    with reporter(err) as progress:
+        measured, path = run_calibration(bundle, paths, opts, progress=progress)
     for note in measured.notes:
         err.print(f"[yellow]note:[/] {note}", highlight=False)
     header, rows = cal_report.summary(measured.calibration)
@@ -599,7 +581,7 @@ def calibrate(
     if inputs := measured.calibration.expert_inputs:
         rows = sum(map(sum, inputs.kept))
         err.print(f"kept {rows:,} routed inputs (at most {inputs.cap} per expert) in {len(inputs.files)} files "
-                  f"under {bundle / cal_defaults.INPUTS_DIRNAME}: {_mib(sum(map(len, measured.inputs.values())))}")
+                  f"under {bundle / INPUTS_DIRNAME}: {_mib(sum(map(len, measured.inputs.values())))}")
     if not no_report:
         written = cal_report.write_report(measured.calibration, folder, measured.seconds, str(path))
         err.print(f"wrote {len(written)} report files to {folder}")

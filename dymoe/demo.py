@@ -11,10 +11,11 @@ import hashlib
 from importlib import resources
 from pathlib import Path
 
-from dymoe import defaults
-from dymoe.errors import DymoeError
-from dymoe.paths import resolve_file
+from dymoe.bundle.errors import DymoeError
+from dymoe.bundle.paths import resolve_file
+from dymoe.bundle.progress import ProgressFn
 
+DEMO_BUDGET = "10%"  # of the fp16 experts: small enough that LRU offloading thrashes
 DEMO_PRECISIONS = ("fp32", "fp16", "int8", "int4", "int2")
 DEMO_PROMPT = "The for statement is used to"
 DEMO_STORAGE = "orin-nano-nvme"  # emulated, with --io direct: loads cost what they would on a Jetson
@@ -58,11 +59,12 @@ def demo_heldout_for(bundle: Path) -> Path | None:
     return None
 
 
-def ensure_demo_bundle(model: Path | None = None, progress: bool = True) -> Path:
+def ensure_demo_bundle(model: Path | None = None, progress: ProgressFn | None = None) -> Path:
     """Export ``model`` (default: the shipped one) once; later calls reuse the complete bundle,
     and an interrupted export is resumed."""
-    from dymoe.manifest import MANIFEST_NAME
-    from dymoe.toolchain.export import ExportOptions, export
+    from dymoe.bundle.naming import MANIFEST_NAME
+    from dymoe.toolchain.export import export
+    from dymoe.toolchain.options import ExportOptions
 
     source = Path(model) if model else demo_model_dir()
     out = demo_bundle_dir(source)
@@ -71,17 +73,18 @@ def ensure_demo_bundle(model: Path | None = None, progress: bool = True) -> Path
     return out
 
 
-def run_demo(console, err, model: Path | None = None, budget: str = defaults.DEMO_BUDGET, max_new_tokens: int = 48,
-             progress: bool = True) -> dict:
+def run_demo(console, err, model: Path | None = None, budget: str = DEMO_BUDGET, max_new_tokens: int = 48,
+             progress: ProgressFn | None = None) -> dict:
     """The whole demo; returns what it printed as numbers (for tests)."""
     import sys
 
     from rich.table import Table
 
-    from dymoe.manifest import read_manifest
+    from dymoe.bundle.manifest import read_manifest
     from dymoe.runtime.bench import BenchOptions, run_bench
-    from dymoe.runtime.bench_report import print_tables
-    from dymoe.runtime.session import PolicyRun, open_model
+    from dymoe.runtime.model_session import open_model
+    from dymoe.runtime.policy_config import PolicyRun
+    from dymoe.tables import print_tables
 
     bundle = ensure_demo_bundle(model, progress=progress)
     heldout = (Path(model) if model else demo_model_dir()) / "heldout.txt"

@@ -8,12 +8,15 @@ from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 
-from dymoe.errors import InputError
+from dymoe.bundle.errors import InputError
+from dymoe.bundle.fsutil import read_user_text
+from dymoe.bundle.progress import Counter, ProgressFn
 
 from .build import plan
 from .bundle import Bundle
-from .compare import Comparison, accuracy, reference_perplexity, speed_runs
-from .session import PolicyRun
+from .compare import Comparison, accuracy, speed_runs
+from .evaluate import reference_precision
+from .policy_config import PolicyRun
 from .tokenizer import TextTokenizer
 
 
@@ -30,7 +33,6 @@ class BenchOptions:
     data: Path | None = None  # held-out text for perplexity
     window: int = 128
     windows: int = 4
-    reference: str | None = None  # default: fp32 if the bundle has it, else its highest precision
 
 
 def default_prompts() -> list[str]:
@@ -82,31 +84,30 @@ def check(bundle: Bundle, opts: BenchOptions) -> None:
             plan(bundle, replace(opts.base, policy=policy, budget=budget))
 
 
-def run_bench(bundle_path: Path, opts: BenchOptions, on_run=None) -> dict:
+def run_bench(bundle_path: Path, opts: BenchOptions, progress: ProgressFn | None = None) -> dict:
     bundle = Bundle(bundle_path)
     check(bundle, opts)
     tok = TextTokenizer(bundle.tokenizer_path())
     prompts = prompt_ids(tok, opts.prompts or default_prompts(), opts.prompt_tokens,
                          bundle.spec.max_position_embeddings)
-    reference = opts.reference or ("fp32" if "fp32" in bundle.precisions else bundle.precisions[0])
-    ids, ref = None, None
+    ids = None
     if opts.accuracy:
         if opts.data is None:
             raise InputError("accuracy needs held-out text", "pass --data FILE, or --no-accuracy")
-        try:
-            ids = tok.encode(Path(opts.data).read_text(encoding="utf-8"))
-        except (FileNotFoundError, UnicodeDecodeError) as e:
-            raise InputError(f"cannot read --data {opts.data} ({e.__class__.__name__})",
-                             "pass a UTF-8 text file") from None
-        ref = reference_perplexity(bundle_path, ids, reference, opts.window, opts.windows)
-    results = []
+        ids = tok.encode(read_user_text(opts.data, "--data"))
+    per_budget = len(opts.policies) * (1 + opts.repeats * len(prompts) + (1 if opts.accuracy else 0))
+    counter = Counter(progress, "bench", per_budget * len(opts.budgets))
+    results, ref = [], None
     for budget in opts.budgets:
         base = replace(opts.base, budget=budget)
-        runs = speed_runs(bundle_path, opts.policies, base, prompts, opts.new_tokens, opts.repeats, on_run)
-        ppl, agree = ({}, {}) if ids is None else accuracy(bundle_path, opts.policies, base, ids, ref, opts.window,
-                                                           opts.windows, on_run)
+        runs = speed_runs(bundle_path, opts.policies, base, prompts, opts.new_tokens, opts.repeats, counter)
+        ppl, agree = {}, {}
+        if ids is not None:
+            ref, ppl, agree = accuracy(bundle_path, opts.policies, base, ids, opts.window, opts.windows, counter,
+                                      reference=ref)
         summary = Comparison(runs, ppl, agree).summary()
         results.append({"budget": budget, "policies": {p: {**summary[p], "runs": runs[p]} for p in opts.policies}})
+    reference = reference_precision(bundle.precisions)
     return {
         "bundle": str(bundle_path),
         "model_type": bundle.spec.model_type,

@@ -13,8 +13,7 @@ from .costs import resident_costs
 from .engine_cache import EngineCache
 from .loader import Loader
 from .orchestrator import Orchestrator, check_budget
-from .policy_config import PolicyConfig, resolve, retention_schedule
-from .session import PolicyRun
+from .policy_config import PolicyConfig, PolicyRun, resolve, retention_schedule
 from .storage import Storage, load_profile
 
 
@@ -47,9 +46,9 @@ def build_orchestrator(bundle: Bundle, run: PolicyRun) -> Orchestrator:
     spec = bundle.spec
     calibrated, priors = None, None
     if cfg.schedule == "calibrated" or cfg.eviction == "priority" or cfg.pin_fraction:
-        from dymoe.calibration.priors import load_calibration, priors_of, retention_of
+        from dymoe.bundle.calibration import load_calibration, priors_of, retention_of
 
-        cal = load_calibration(bundle)  # None when the bundle has not been calibrated
+        cal = load_calibration(bundle.path, bundle.manifest)  # None when the bundle has not been calibrated
         if cal is not None:
             priors = priors_of(cal)
             if cfg.schedule == "calibrated":

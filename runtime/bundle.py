@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dymoe.errors import BundleError, InputError
-from dymoe.manifest import Manifest, read_manifest, read_verified
-from dymoe.paths import resolve_file
+from dymoe.bundle.errors import BundleError, InputError
+from dymoe.bundle.manifest import Manifest, read_manifest, read_verified
+from dymoe.bundle.paths import resolve_file
 
-from .sessions import backbone_threads, create_session
+from .ort_session import backbone_threads, create_session
 
 
 class Bundle:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from .policy import RANK
+from dymoe.bundle.precisions import RANK
 
 Key = tuple[int, int]  # (layer, expert)
 

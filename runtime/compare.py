@@ -8,8 +8,11 @@ import statistics
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .evaluate import perplexity, top1_agreement
-from .session import ModelSession, PolicyRun, open_model
+from dymoe.bundle.progress import Counter
+
+from .evaluate import Perplexity, evaluate
+from .model_session import ModelSession, open_model
+from .policy_config import PolicyRun
 
 SPEED_KEYS = ("ttft_s", "tpot_s", "stall_per_token_s", "bytes_read_per_token", "hit_rate", "prefetch_recall",
               "prefetch_precision", "peak_resident_bytes", "load_read_s", "load_create_s")
@@ -50,38 +53,33 @@ def _one_run(bundle: Path, plan: PolicyRun, prompt_ids: list[int], new_tokens: i
 
 
 def speed_runs(bundle: Path, policies: list[str], base: PolicyRun, prompts: list[list[int]], new_tokens: int,
-               repeats: int, on_run=None) -> dict[str, list[dict]]:
+               repeats: int, counter: Counter | None = None) -> dict[str, list[dict]]:
     plans = {p: replace(base, policy=p) for p in policies}
     for p in policies:  # warm-up: imports, measured costs, engine cache, page cache
         _one_run(bundle, plans[p], prompts[0], 2)
+        if counter:
+            counter.tick(what=f"bench: warm-up {p}")
     runs: dict[str, list[dict]] = {p: [] for p in policies}
-    for _ in range(repeats):
+    for r in range(repeats):
         for prompt in prompts:
             for p in policies:  # interleaved, so drifts of a shared machine hit every policy alike
                 runs[p].append(_one_run(bundle, plans[p], prompt, new_tokens))
-                if on_run:
-                    on_run(p)
+                if counter:
+                    counter.tick(what=f"bench: round {r + 1}/{repeats}, {p}")
     return runs
 
 
-def reference_perplexity(bundle: Path, ids: list[int], precision: str, window: int, windows: int):
-    s = open_model(bundle, precision=precision)
-    return perplexity(s.model, ids, window, windows, stepwise=True)
-
-
-def accuracy(bundle: Path, policies: list[str], base: PolicyRun, ids: list[int], reference, window: int,
-             windows: int, on_run=None) -> tuple[dict[str, float], dict[str, float]]:
-    """Held-out perplexity per policy (decode path, token by token) and top-1 agreement with
-    ``reference`` (a Perplexity of the all-resident reference precision)."""
+def accuracy(bundle: Path, policies: list[str], base: PolicyRun, ids: list[int], window: int, windows: int,
+             counter: Counter | None = None, reference: Perplexity | None = None,
+             ) -> tuple[Perplexity, dict[str, float], dict[str, float]]:
+    """The reference's perplexity (measured once, unless given), then each policy's held-out
+    perplexity (decode path, token by token) and top-1 agreement with the reference."""
     ppl, agree = {}, {}
     for p in policies:
-        s = open_model(bundle, policy=replace(base, policy=p))
-        try:
-            r = perplexity(s.model, ids, window, windows, stepwise=True)
-        finally:
-            s.close()
-        ppl[p] = r.ppl
-        agree[p] = top1_agreement(r, reference)
-        if on_run:
-            on_run(p)
-    return ppl, agree
+        result = evaluate(bundle, ids, policy=replace(base, policy=p), window=window, max_windows=windows,
+                          reference=reference)
+        reference = result.reference
+        ppl[p], agree[p] = result.run.ppl, result.top1_agreement
+        if counter:
+            counter.tick(what=f"bench: perplexity {p}")
+    return reference, ppl, agree

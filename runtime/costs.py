@@ -26,8 +26,8 @@ def measure_here(bundle_path: Path, samples: int = SAMPLES) -> dict[str, int]:
     import numpy as np
 
     from .bundle import Bundle
-    from .session import current_rss
-    from .sessions import create_session
+    from .memory import current_rss
+    from .ort_session import create_session
 
     bundle = Bundle(bundle_path)
     spec = bundle.spec
@@ -54,7 +54,7 @@ def measure_here(bundle_path: Path, samples: int = SAMPLES) -> dict[str, int]:
 
 
 def _cache_file(bundle_path: Path) -> Path:
-    from dymoe.manifest import read_manifest
+    from dymoe.bundle.manifest import read_manifest
 
     m = read_manifest(bundle_path)
     base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dymoe" / "costs"
@@ -63,7 +63,7 @@ def _cache_file(bundle_path: Path) -> Path:
 
 def resident_costs(bundle_path: Path) -> dict[str, int]:
     """Per-precision resident bytes of one expert, measured once per bundle and machine."""
-    from dymoe.fsutil import atomic_write_text
+    from dymoe.bundle.fsutil import atomic_write_text
 
     cache = _cache_file(bundle_path)
     try:
@@ -73,7 +73,7 @@ def resident_costs(bundle_path: Path) -> dict[str, int]:
     proc = subprocess.run([sys.executable, "-m", "dymoe.runtime.costs", str(bundle_path)], capture_output=True,
                           text=True, timeout=600)
     if proc.returncode != 0:  # measurement is an optimisation of accuracy, not a requirement
-        from dymoe.manifest import read_manifest
+        from dymoe.bundle.manifest import read_manifest
 
         m = read_manifest(bundle_path)
         return {p: m.files[m.expert(0, 0).variants[p].path].bytes for p in m.quantization.precisions}

@@ -10,12 +10,12 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
-from rich.progress import Progress
 
-from dymoe import graph_io as io
+from dymoe.bundle import graph_io as io
+from dymoe.bundle.progress import Counter, ProgressFn
 
 from .bundle import Bundle
-from .sessions import create_session
+from .ort_session import create_session
 
 
 @dataclass
@@ -56,21 +56,20 @@ def combine(step: LayerStep, expert_forward) -> np.ndarray:
 class StaticExperts:
     """Every routed expert resident at one precision (the `--precision P` mode)."""
 
-    def __init__(self, bundle: Bundle, precision: str, progress: bool = False,
+    def __init__(self, bundle: Bundle, precision: str, progress: ProgressFn | None = None,
                  session_config: dict[str, str] | None = None) -> None:
         self.precision = bundle.check_precision(precision)
         spec = bundle.spec
         self.sessions: dict[tuple[int, int], object] = {}
         self.resident_file_bytes = 0
-        with Progress(disable=not progress, transient=True) as bar:
-            task = bar.add_task(f"loading {precision} experts", total=spec.num_layers * spec.num_experts)
-            for layer in range(spec.num_layers):
-                for e in range(spec.num_experts):
-                    rel = bundle.expert_rel(layer, e, precision)
-                    data = bundle.read(rel)
-                    self.resident_file_bytes += len(data)
-                    self.sessions[(layer, e)] = create_session(data, 1, str(bundle.path / rel), session_config)
-                    bar.advance(task)
+        counter = Counter(progress, f"loading {precision} experts", spec.num_layers * spec.num_experts)
+        for layer in range(spec.num_layers):
+            for e in range(spec.num_experts):
+                rel = bundle.expert_rel(layer, e, precision)
+                data = bundle.read(rel)
+                self.resident_file_bytes += len(data)
+                self.sessions[(layer, e)] = create_session(data, 1, str(bundle.path / rel), session_config)
+                counter.tick()
 
     def run(self, step: LayerStep) -> np.ndarray:
         def forward(e: int, x: np.ndarray) -> np.ndarray:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from dymoe.errors import InputError
+from dymoe.bundle.errors import InputError
 
 from .model import MoEModel
 from .sampling import SamplingParams, choose_token

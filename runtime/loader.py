@@ -10,13 +10,13 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
-from dymoe.errors import BundleError
-from dymoe.manifest import check_bytes, file_entry
-from dymoe.paths import resolve_file
+from dymoe.bundle.errors import BundleError
+from dymoe.bundle.manifest import check_bytes, file_entry
+from dymoe.bundle.paths import resolve_file
 
 from .bundle import Bundle
 from .engine_cache import CACHED_PRECISIONS, EngineCache
-from .sessions import create_session
+from .ort_session import create_session
 from .storage import Storage
 
 

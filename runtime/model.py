@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from dymoe import graph_io as io
-from dymoe.errors import BundleError
+from dymoe.bundle import graph_io as io
+from dymoe.bundle.errors import BundleError
 
 from .bundle import Bundle
 from .experts import ExpertExecutor, LayerStep

@@ -16,16 +16,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from dymoe import graph_io as io
-from dymoe.errors import BundleError, DymoeError, InputError
+from dymoe.bundle import graph_io as io
+from dymoe.bundle.errors import BundleError, DymoeError, InputError
+from dymoe.bundle.precisions import RANK, SKIP
 
 from .bundle import Bundle
 from .cache import HIT, MISS, PROMOTE, CacheState, Entry, Key, classify
 from .experts import LayerStep
 from .loader import Loaded, Loader
 from .policy import (
-    RANK,
-    SKIP,
     choose_precisions,
     heavy_hitter_counts,
     minimum_working_set,

@@ -14,11 +14,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from dymoe.errors import InputError
-
-SKIP = "skip"
-RANK = {"fp32": 5, "fp16": 4, "int8": 3, "int4": 2, "int2": 1, SKIP: 0}  # higher serves lower
-_SHORT = {"32": "fp32", "16": "fp16", "8": "int8", "4": "int4", "2": "int2", "0": SKIP}
+from dymoe.bundle.errors import InputError
+from dymoe.bundle.precisions import RANK, SHORT, SKIP
 
 
 def minimum_working_set(ladder: Sequence[str], costs: dict[str, int], top_k: int) -> int:
@@ -35,7 +32,7 @@ def parse_ladder(text: str, available: Sequence[str]) -> list[str]:
     steps = []
     for raw in text.split("/"):
         token = raw.strip().lower()
-        name = _SHORT.get(token, token)
+        name = SHORT.get(token, token)
         if name not in RANK:
             raise InputError(f"ladder step {raw!r} in {text!r} is not a precision",
                              "use steps like 16/8/4/2/0 or names fp32, fp16, int8, int4, int2, skip")

@@ -4,13 +4,15 @@ command-line overrides, resolved in that order into one :class:`PolicyConfig`.""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dymoe.compat import tomllib
-from dymoe.errors import InputError
+from dymoe.bundle.compat import tomllib
+from dymoe.bundle.errors import InputError
+from dymoe.bundle.precisions import SKIP
 
-from .policy import SKIP, parse_ladder
+from .policy import parse_ladder
 
 POLICIES = ("ondemand", "lru", "lru-prefetch", "static-int4", "static-int2", "dymoe")
 SCHEDULES = ("constant", "cosine", "calibrated")
@@ -117,3 +119,18 @@ def retention_schedule(cfg: PolicyConfig, num_layers: int, calibrated: list[floa
         raise InputError("schedule 'calibrated' needs calibration.json in the bundle",
                          "run dymoe calibrate BUNDLE first, or use --schedule cosine")
     return list(calibrated)
+
+
+@dataclass
+class PolicyRun:
+    """What a budgeted run needs beside the policy: how to read and how much may be resident."""
+
+    policy: str = "dymoe"
+    budget: str = "100%"
+    policy_config: Path | None = None
+    io: str = "cached"
+    storage_profile: str | None = None
+    engine_cache: str | None = "auto"  # "auto": the user cache folder; a folder; None: off
+    full_precision: str | None = None  # what "full precision" means (default: the bundle's highest)
+    overrides: dict = field(default_factory=dict)  # PolicyConfig fields given on the command line
+    on_note: Callable[[str], None] | None = None  # told of fallbacks as they happen (the CLI prints them)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dymoe.errors import InputError
+from dymoe.bundle.errors import InputError
 
 
 @dataclass(frozen=True)

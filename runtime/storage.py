@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from dymoe.compat import tomllib
-from dymoe.errors import InputError
+from dymoe.bundle.compat import tomllib
+from dymoe.bundle.errors import InputError
 
 IO_MODES = ("cached", "direct")
 

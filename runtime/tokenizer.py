@@ -7,7 +7,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from dymoe.errors import InputError
+from dymoe.bundle.errors import InputError
 
 
 class TextTokenizer:

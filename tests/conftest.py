@@ -24,7 +24,7 @@ class TinyCase:
         self.src = root / "src"
         self.bundle = root / "bundle"
         self.model = make_tiny_model(arch, self.src, **overrides)
-        export(str(self.src), self.bundle, ExportOptions(precisions=TEST_PRECISIONS, progress=False))
+        export(str(self.src), self.bundle, ExportOptions(precisions=TEST_PRECISIONS))
 
 
 @pytest.fixture(scope="session", params=ARCHS)

@@ -10,10 +10,10 @@ import sys
 
 import pytest
 
-from dymoe.errors import InputError
+from dymoe.bundle.errors import InputError
 from dymoe.runtime import bench as bench_mod
 from dymoe.runtime.bench import BenchOptions, read_prompts, run_bench
-from dymoe.runtime.session import PolicyRun
+from dymoe.runtime.policy_config import PolicyRun
 
 METRICS = ("ttft_s", "tpot_s", "stall_per_token_s", "bytes_read_per_token", "hit_rate", "prefetch_recall",
            "peak_rss_bytes", "perplexity", "top1_agreement")

@@ -28,13 +28,14 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
+from dymoe.bundle.calibration import read_calibration
+from dymoe.bundle.errors import BundleError, ChecksumError
+from dymoe.bundle.manifest import read_manifest
+from dymoe.bundle.naming import CALIBRATION_NAME
 from dymoe.calibration import stats
-from dymoe.calibration.options import CALIBRATION_NAME, CalibrationOptions
+from dymoe.calibration.options import CalibrationOptions
 from dymoe.calibration.run import commit, measure
-from dymoe.calibration.schema import read_calibration
 from dymoe.calibration.sensitivity import PerturbedExperts
-from dymoe.errors import BundleError, ChecksumError
-from dymoe.manifest import read_manifest
 from dymoe.toolchain.export import ExportOptions, export
 from dymoe.toolchain.synthetic import write_synthetic_checkpoint
 
@@ -59,7 +60,7 @@ def _export(root: Path, edit) -> Path:
     write_synthetic_checkpoint(src, hidden=H, intermediate=32, experts=E, layers=LAYERS, heads=4, kv_heads=2,
                                vocab=64, dtype="F32", max_position_embeddings=64)
     _edit_checkpoint(src, edit)
-    export(str(src), bundle, ExportOptions(precisions=PRECISIONS, progress=False))
+    export(str(src), bundle, ExportOptions(precisions=PRECISIONS))
     return bundle
 
 
@@ -350,25 +351,24 @@ def test_tampered_calibration_is_rejected(routed, routed_text, tmp_path):
 
 
 def test_bundle_without_calibration(fragile):
-    from dymoe.calibration.priors import load_priors
-    from dymoe.runtime.bundle import Bundle
+    from dymoe.bundle.calibration import load_calibration
 
     manifest = read_manifest(fragile)
     if manifest.calibration is None:
         with pytest.raises(BundleError, match="has no calibration"):
             read_calibration(fragile, manifest)
-        assert load_priors(Bundle(fragile)) == (None, None)
+        assert load_calibration(fragile, manifest) is None
 
 
 def test_runtime_priors(routed, routed_cal):
-    from dymoe.calibration.priors import load_priors
-    from dymoe.runtime.bundle import Bundle
+    from dymoe.bundle.calibration import load_calibration, priors_of, retention_of
 
     commit(routed, routed_cal)
-    retention, priors = load_priors(Bundle(routed))
+    cal = load_calibration(routed, read_manifest(routed))
+    retention, priors = retention_of(cal), priors_of(cal)
     assert retention == routed_cal.schedule.recommended["int2"] and len(retention) == LAYERS
     assert all(0 < r <= 1 for r in retention)
-    assert load_priors(Bundle(routed), "skip")[0] == routed_cal.schedule.recommended["skip"]
+    assert retention_of(cal, "skip") == routed_cal.schedule.recommended["skip"]
     for layer in range(LAYERS):
         assert sum(priors[(layer, e)] for e in range(E)) == pytest.approx(E, rel=1e-5)  # 1.0 is average
     assert priors[(0, 0)] > priors[(0, 2)] > priors[(0, 4)] == 0.0

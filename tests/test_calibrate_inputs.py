@@ -32,12 +32,14 @@ from test_calibrate import (  # noqa: F401 (routed, routed_text: the fixtures th
     routed_text,
 )
 
-from dymoe.calibration.inputs import InputRecorder, load_expert_inputs, memory_bound, require_memory
-from dymoe.calibration.options import CALIBRATION_NAME, INPUTS_DIRNAME, CalibrationOptions
+from dymoe.bundle.calibration import parse, read_calibration
+from dymoe.bundle.errors import BundleError, ChecksumError, InputError
+from dymoe.bundle.inputs import load_expert_inputs, memory_bound
+from dymoe.bundle.manifest import read_manifest
+from dymoe.bundle.naming import CALIBRATION_NAME, INPUTS_DIRNAME
+from dymoe.calibration.inputs import InputRecorder, require_memory
+from dymoe.calibration.options import CalibrationOptions
 from dymoe.calibration.run import commit, measure
-from dymoe.calibration.schema import parse, read_calibration
-from dymoe.errors import BundleError, ChecksumError, InputError
-from dymoe.manifest import read_manifest
 
 CAP = 16  # per window the experts get [12, 10, 4, 2, 0, 2, 2, 0] tokens: x4 windows, 0 and 1 overflow, 2 fills
 C = 1.0 / math.sqrt(1.0 / H + EPS)  # every row is C times a basis vector

@@ -9,10 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from dymoe.calibration import schedule as sched
-from dymoe.calibration import stats
-from dymoe.calibration.data import discover, load, sample_windows, tokenize
-from dymoe.calibration.schema import (
+from dymoe.bundle.calibration import (
     BundleRef,
     Calibration,
     DataSource,
@@ -22,8 +19,12 @@ from dymoe.calibration.schema import (
     Settings,
     Skew,
     parse,
+    round_sig,
 )
-from dymoe.errors import BundleError, InputError
+from dymoe.bundle.errors import BundleError, InputError
+from dymoe.calibration import schedule as sched
+from dymoe.calibration import stats
+from dymoe.calibration.data import discover, load, sample_windows, tokenize
 
 
 @pytest.mark.parametrize("values, expected", [
@@ -109,8 +110,8 @@ def test_kl_and_nll():
 @pytest.mark.parametrize("x, expected", [(0.123456789, 0.123457), (-1234567.0, -1234570.0), (0.0, 0.0),
                                          (-0.0, 0.0), (1e-12 / 3, 3.33333e-13)])
 def test_round_sig(x, expected):
-    assert stats.round_sig(x, 6) == expected
-    assert math.copysign(1, stats.round_sig(x, 6)) == math.copysign(1, expected)
+    assert round_sig(x, 6) == expected
+    assert math.copysign(1, round_sig(x, 6)) == math.copysign(1, expected)
 
 
 # --- schedule ---------------------------------------------------------------------------------
@@ -265,6 +266,6 @@ def test_statistics_need_neither_matplotlib_nor_torch():
     import subprocess
     import sys
 
-    code = ("import sys, dymoe.calibration.run, dymoe.calibration.priors, dymoe.calibration.report; "
+    code = ("import sys, dymoe.calibration.run, dymoe.calibration.report; "
             "bad = {'matplotlib', 'torch', 'transformers'} & set(sys.modules); assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from dymoe.manifest import read_manifest
-from dymoe.toolchain.safetensors_io import write_safetensors
+from dymoe.bundle.manifest import read_manifest
+from dymoe.bundle.safetensors_io import write_safetensors
 from dymoe.toolchain.synthetic import write_synthetic_checkpoint
 
 

@@ -25,7 +25,7 @@ WINDOW, WINDOWS = 128, 6
 
 @pytest.fixture(scope="module")
 def demo_bundle() -> Path:
-    return ensure_demo_bundle(progress=False)
+    return ensure_demo_bundle()
 
 
 def test_demo_bundle_perplexity_matches_transformers(demo_bundle):

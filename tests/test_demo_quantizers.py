@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 
+from dymoe.bundle.manifest import read_manifest
 from dymoe.calibration.options import CalibrationOptions
 from dymoe.calibration.run import commit, measure
 from dymoe.demo import demo_model_dir
-from dymoe.manifest import read_manifest
 from dymoe.runtime.evaluate import perplexity, top1_agreement
-from dymoe.runtime.session import open_model
+from dymoe.runtime.model_session import open_model
 from dymoe.runtime.tokenizer import TextTokenizer
 from dymoe.toolchain.export import ExportOptions, export
 from dymoe.toolchain.quantizers import QuantizerOptions
@@ -33,7 +33,7 @@ def bundles(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("demo_quant")
     src = demo_model_dir()
     rtn = root / "rtn"
-    export(str(src), rtn, ExportOptions(precisions=("fp32", "int4", "int2"), quantizer="rtn", progress=False))
+    export(str(src), rtn, ExportOptions(precisions=("fp32", "int4", "int2"), quantizer="rtn"))
     out = {"rtn": rtn}
     for name in ("hqq", "gptq"):
         out[name] = root / name
@@ -41,7 +41,7 @@ def bundles(tmp_path_factory) -> dict[str, Path]:
     commit(out["gptq"], measure(out["gptq"], [src / "calibration.txt"],
                                 CalibrationOptions(samples=48, seq_len=128, sensitivity=False, collect_inputs=True)))
     for name in ("hqq", "gptq"):
-        requantize(out[name], RequantizeOptions(QuantizerOptions(name), progress=False))
+        requantize(out[name], RequantizeOptions(QuantizerOptions(name)))
     return out
 
 

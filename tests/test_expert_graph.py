@@ -9,6 +9,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, numpy_helper
 
+from dymoe.toolchain.blockquant import quantize_rtn
 from dymoe.toolchain.expert_graph import (
     BITS,
     PRECISIONS,
@@ -17,7 +18,6 @@ from dymoe.toolchain.expert_graph import (
     effective_weights,
     reference_forward,
 )
-from dymoe.toolchain.quantize import quantize_rtn
 
 H, I, B = 64, 96, 32
 QUANT = [("int8", "qdq"), ("int4", "qdq"), ("int8", "nbits"), ("int4", "nbits"),

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from dymoe.errors import BundleError, ChecksumError
-from dymoe.fsutil import atomic_write_bytes, atomic_write_text, sha256_file
-from dymoe.manifest import (
+from dymoe.bundle.errors import BundleError, ChecksumError
+from dymoe.bundle.fsutil import atomic_write_bytes, atomic_write_text, sha256_file
+from dymoe.bundle.manifest import (
     MANIFEST_NAME,
     SCHEMA_VERSION,
     Backbone,

@@ -19,11 +19,11 @@ import numpy as np
 import pytest
 from tiny_models import ARCHS, tiny_config
 
-from dymoe.errors import CheckpointError
+from dymoe.bundle.errors import CheckpointError
+from dymoe.bundle.safetensors_io import write_safetensors
 from dymoe.toolchain.archs import ARCHITECTURES, get_architecture
 from dymoe.toolchain.checkpoint import Checkpoint
 from dymoe.toolchain.layout import check_coverage, expected_shapes
-from dymoe.toolchain.safetensors_io import write_safetensors
 
 # --------------------------------------------------------------------------------------------
 # The hand-written expectation: Hugging Face names and which canonical tensor each one gives.

@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from dymoe.errors import ChecksumError, InputError
-from dymoe.manifest import read_manifest
+from dymoe.bundle.errors import ChecksumError, InputError
+from dymoe.bundle.manifest import read_manifest
 from dymoe.runtime import loader as loader_mod
-from dymoe.runtime.session import PolicyRun, open_model
+from dymoe.runtime.model_session import open_model
+from dymoe.runtime.policy_config import PolicyRun
 from dymoe.toolchain.export import ExportOptions, export
 from dymoe.toolchain.synthetic import write_synthetic_checkpoint
 
@@ -113,7 +114,7 @@ def _predictable_model(folder: Path) -> Path:
 def test_prefetch_overlaps_loading(tmp_path):
     src = _predictable_model(tmp_path / "src")
     bundle = tmp_path / "b"
-    export(str(src), bundle, ExportOptions(precisions=("fp32",), progress=False))
+    export(str(src), bundle, ExportOptions(precisions=("fp32",)))
     slow = tmp_path / "slow.toml"
     slow.write_text('name = "slow"\nread_mb_per_s = 20.0\nlatency_ms = 25.0\n')
     runs = {}

@@ -26,7 +26,7 @@ def test_wheel_imports_and_runs(tmp_path):
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
                    check=True, capture_output=True)
-    code = ("import dymoe, dymoe.toolchain.export, dymoe.runtime.session; "
+    code = ("import dymoe, dymoe.toolchain.export, dymoe.runtime.model_session; "
             "print(dymoe.__file__); from dymoe.cli import main; main()")
     proc = subprocess.run([sys.executable, "-c", code, "--help"], capture_output=True, text=True, cwd=tmp_path,
                           env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"})
@@ -37,6 +37,6 @@ def test_wheel_imports_and_runs(tmp_path):
 
 
 def test_runtime_and_toolchain_do_not_import_torch():
-    code = ("import sys, dymoe.cli, dymoe.toolchain.export, dymoe.runtime.session; "
+    code = ("import sys, dymoe.cli, dymoe.toolchain.export, dymoe.runtime.model_session; "
             "assert 'torch' not in sys.modules and 'transformers' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -19,14 +19,14 @@ import pytest
 import torch
 from safetensors.numpy import load_file, save_file
 
-from dymoe.manifest import SCHEMA_VERSION, read_manifest
+from dymoe.bundle.manifest import SCHEMA_VERSION, read_manifest
 from dymoe.runtime.bundle import Bundle
 from dymoe.runtime.experts import StaticExperts
 from dymoe.runtime.generate import generate
 from dymoe.runtime.model import MoEModel
-from dymoe.runtime.sessions import EXACT_INT_MATH
+from dymoe.runtime.ort_session import EXACT_INT_MATH
+from dymoe.toolchain.blockquant import quantize_rtn
 from dymoe.toolchain.expert_weights import expert_weights
-from dymoe.toolchain.quantize import quantize_rtn
 
 PROMPT = np.random.default_rng(1).integers(0, 320, 24)
 
@@ -130,7 +130,7 @@ def test_recorded_weight_error_obeys_rtn_bound(tiny, precision):
 def test_manifest_records_every_file(tiny):
     m = read_manifest(tiny.bundle)
     on_disk = {str(p.relative_to(tiny.bundle)) for p in tiny.bundle.rglob("*") if p.is_file()}
-    assert on_disk - {"manifest.json", ".dymoe.lock"} == set(m.files)
+    assert on_disk - {"manifest.json", ".dymoe.bundle.lock"} == set(m.files)
     assert len(m.experts) == m.model.num_layers * m.model.num_experts
     errs = [np.mean([e.variants[p].output_rel_error for e in m.experts]) for p in ("int8", "int4", "int2")]
     assert errs[0] < errs[1] < errs[2]

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from dymoe.errors import InputError
+from dymoe.bundle.errors import InputError
 from dymoe.runtime.budget import parse_budget
 from dymoe.runtime.policy import (
     SKIP,

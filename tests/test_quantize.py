@@ -1,4 +1,4 @@
-"""Tests for dymoe.toolchain.quantize (blocked RTN quantization).
+"""Tests for dymoe.toolchain.blockquant (blocked RTN quantization).
 
 Letters: K in-features (rows, quantized axis), N out-features (columns), B block size.
 """
@@ -6,8 +6,8 @@ Letters: K in-features (rows, quantized axis), N out-features (columns), B block
 import numpy as np
 import pytest
 
-from dymoe.toolchain import quantize as qz
-from dymoe.toolchain.quantize import QuantizedMatrix, dequantize, pack_codes, quantize_rtn, unpack_codes
+from dymoe.toolchain import blockquant as qz
+from dymoe.toolchain.blockquant import QuantizedMatrix, dequantize, pack_codes, quantize_rtn, unpack_codes
 
 # (bits, one block of one column, expected scale, expected zero point, expected codes).
 # Values are chosen so that scale is a power of two and everything is exact.

@@ -7,11 +7,11 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from dymoe.toolchain.blockquant import dequantize, quantize_rtn
 from dymoe.toolchain.expert_graph import build_expert_model, reference_forward
 from dymoe.toolchain.expert_weights import expert_weights, quantized_matrices
 from dymoe.toolchain.gptq import GptqOptions, quantize_gptq
 from dymoe.toolchain.hqq import HqqOptions, quantize_hqq
-from dymoe.toolchain.quantize import dequantize, quantize_rtn
 from dymoe.toolchain.quantizers import QuantizerOptions, quantize_expert, routed_output_error
 
 B = 32

@@ -15,11 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from dymoe.bundle.calibration import read_calibration
+from dymoe.bundle.errors import BundleError, InputError
+from dymoe.bundle.manifest import read_manifest, verify_file
 from dymoe.calibration.options import CalibrationOptions
 from dymoe.calibration.run import commit, measure
-from dymoe.calibration.schema import read_calibration
-from dymoe.errors import BundleError, InputError
-from dymoe.manifest import read_manifest, verify_file
+from dymoe.pipelines import GptqOptions
+from dymoe.pipelines import export as export_pipeline
 from dymoe.runtime.bundle import Bundle
 from dymoe.runtime.experts import StaticExperts
 from dymoe.runtime.model import MoEModel
@@ -49,7 +51,7 @@ def calibrated(source, tmp_path_factory) -> Path:
     """An rtn bundle whose calibration collected the experts' routed inputs (never modified: copy it)."""
     src, text = source
     bundle = tmp_path_factory.mktemp("calibrated") / "bundle"
-    export(str(src), bundle, ExportOptions(precisions=PRECISIONS, quantizer="rtn", progress=False))
+    export(str(src), bundle, ExportOptions(precisions=PRECISIONS, quantizer="rtn"))
     commit(bundle, measure(bundle, [text], CALIB))
     return bundle
 
@@ -66,7 +68,7 @@ def _check_complete(bundle: Path):
     for rel in m.files:
         verify_file(bundle, m, rel)
     on_disk = {str(p.relative_to(bundle)) for p in bundle.rglob("*") if p.is_file()}
-    assert on_disk - {"manifest.json", ".dymoe.lock"} == set(m.files)
+    assert on_disk - {"manifest.json", ".dymoe.bundle.lock"} == set(m.files)
     return m
 
 
@@ -84,7 +86,7 @@ def test_gptq_uses_each_experts_inputs_and_falls_back_where_too_few(calibrated, 
     min_tokens = int(np.median(kept)) + 1  # about half the experts fall short
     assert (kept < min_tokens).any() and (kept >= min_tokens).any()
 
-    m = requantize(bundle, RequantizeOptions(QuantizerOptions("gptq", min_tokens=min_tokens), progress=False))
+    m = requantize(bundle, RequantizeOptions(QuantizerOptions("gptq", min_tokens=min_tokens)))
     _check_complete(bundle)
     assert m.quantization.method == "gptq" and m.quantization.revision
     assert m.quantization.precisions == list(PRECISIONS)
@@ -114,7 +116,7 @@ def test_gptq_lowers_the_error_on_routed_inputs(calibrated, tmp_path):
     means = {}
     for name in ("rtn", "hqq", "gptq"):
         bundle = _copy(calibrated, tmp_path / name)
-        m = requantize(bundle, RequantizeOptions(QuantizerOptions(name, min_tokens=8), progress=False))
+        m = requantize(bundle, RequantizeOptions(QuantizerOptions(name, min_tokens=8)))
         for p in INTEGER:
             errs = [e.variants[p].routed_output_rel_error for e in m.experts
                     if e.variants[p].routed_output_rel_error is not None and e.variants[p].quantizer == name]
@@ -137,7 +139,7 @@ def test_interrupted_requantize_leaves_the_bundle_usable_and_resumes(calibrated,
         return real(*args, **kwargs)
 
     monkeypatch.setattr(requantize_mod, "write_expert", interrupted)
-    opts = RequantizeOptions(QuantizerOptions("hqq"), progress=False)
+    opts = RequantizeOptions(QuantizerOptions("hqq"))
     with pytest.raises(KeyboardInterrupt):
         requantize(bundle, opts)
     assert (bundle / "manifest.json").read_bytes() == manifest_before
@@ -163,9 +165,9 @@ def test_interrupted_requantize_leaves_the_bundle_usable_and_resumes(calibrated,
 def test_gptq_without_collected_inputs_is_a_clear_error(source, tmp_path):
     src, _ = source
     bundle = tmp_path / "plain"
-    export(str(src), bundle, ExportOptions(precisions=("fp32", "int4"), quantizer="rtn", progress=False))
+    export(str(src), bundle, ExportOptions(precisions=("fp32", "int4"), quantizer="rtn"))
     with pytest.raises(BundleError, match="no calibration with expert inputs") as e:
-        requantize(bundle, RequantizeOptions(QuantizerOptions("gptq"), progress=False))
+        requantize(bundle, RequantizeOptions(QuantizerOptions("gptq")))
     assert "--collect-inputs" in e.value.hint
     r = subprocess.run([sys.executable, "-m", "dymoe.cli", "requantize", str(bundle), "--quantizer", "gptq"],
                        capture_output=True, text=True)
@@ -175,50 +177,50 @@ def test_gptq_without_collected_inputs_is_a_clear_error(source, tmp_path):
 def test_requantize_needs_a_float_variant(source, tmp_path):
     src, _ = source
     bundle = tmp_path / "int_only"
-    export(str(src), bundle, ExportOptions(precisions=("int4",), quantizer="rtn", progress=False))
+    export(str(src), bundle, ExportOptions(precisions=("int4",), quantizer="rtn"))
     with pytest.raises(BundleError, match="no fp32 or fp16 experts"):
-        requantize(bundle, RequantizeOptions(QuantizerOptions("hqq"), progress=False))
+        requantize(bundle, RequantizeOptions(QuantizerOptions("hqq")))
 
 
 def test_requantize_can_add_a_precision(calibrated, tmp_path):
     src_bundle = tmp_path / "src"
     bundle = _copy(calibrated, src_bundle)
-    m = requantize(bundle, RequantizeOptions(QuantizerOptions("hqq"), precisions=("int4",), progress=False))
+    m = requantize(bundle, RequantizeOptions(QuantizerOptions("hqq"), precisions=("int4",)))
     assert [e.variants["int4"].quantizer for e in m.experts] == ["hqq"] * len(m.experts)
     assert {e.variants["int8"].quantizer for e in m.experts} == {"rtn"}  # untouched
     _check_complete(bundle)
     with pytest.raises(InputError, match="only integer precisions"):
-        requantize(bundle, RequantizeOptions(QuantizerOptions("hqq"), precisions=("fp16",), progress=False))
+        requantize(bundle, RequantizeOptions(QuantizerOptions("hqq"), precisions=("fp16",)))
 
 
 def test_export_with_gptq_runs_calibration_and_resumes(source, tmp_path, monkeypatch):
     src, text = source
     out = tmp_path / "gptq"
-    opts = ExportOptions(precisions=("fp32", "int4", "int2"), quantizer="gptq", calibration_data=(str(text),),
-                         gptq_min_tokens=8, progress=False)
+    opts = ExportOptions(precisions=("fp32", "int4", "int2"))
+    gptq = GptqOptions(calibration_data=(str(text),), min_tokens=8)
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(requantize_mod, "requantize", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        export(str(src), out, opts)
+        export_pipeline(str(src), out, opts, gptq)
     stage1 = read_manifest(out)  # a complete data-free bundle, already calibrated
     assert stage1.quantization.method == "hqq" and stage1.calibration
     backbone_mtime = (out / stage1.backbone.embed).stat().st_mtime_ns
 
     monkeypatch.undo()
-    m = export(str(src), out, opts)  # the same command resumes at the gptq stage
+    m = export_pipeline(str(src), out, opts, gptq)  # the same command resumes at the gptq stage
     assert m.quantization.method == "gptq"
     assert (out / m.backbone.embed).stat().st_mtime_ns == backbone_mtime
     made = {e.variants["int4"].quantizer for e in m.experts}
     assert "gptq" in made and made <= {"gptq", "hqq"}
     _check_complete(out)
     with pytest.raises(BundleError, match="already holds a complete bundle"):
-        export(str(src), out, opts)
+        export_pipeline(str(src), out, opts, gptq)
     # stopped after requantize switched the manifest in, before its cleanup: the rerun finishes it
     (out / JOURNAL).write_text('{"fingerprint": "x"}\n')
-    again = export(str(src), out, opts)
+    again = export_pipeline(str(src), out, opts, gptq)
     assert again.quantization.revision == m.quantization.revision
     assert not (out / JOURNAL).exists()
     _check_complete(out)
@@ -258,9 +260,9 @@ def test_returning_to_earlier_settings_keeps_every_listed_file(calibrated, tmp_p
     """hqq, then rtn for int2 only, then hqq again: the third run's int4 names are the first run's,
     still listed; they must be kept as they are, not rewritten or deleted."""
     bundle = _copy(calibrated, tmp_path)
-    hqq = RequantizeOptions(QuantizerOptions("hqq"), progress=False)
+    hqq = RequantizeOptions(QuantizerOptions("hqq"))
     first = requantize(bundle, hqq)
-    requantize(bundle, RequantizeOptions(QuantizerOptions("rtn"), precisions=("int2",), progress=False))
+    requantize(bundle, RequantizeOptions(QuantizerOptions("rtn"), precisions=("int2",)))
     int4 = {rel: (bundle / rel).stat().st_mtime_ns for rel in (e.variants["int4"].path for e in first.experts)}
     third = requantize(bundle, hqq)
     _check_complete(bundle)
@@ -276,7 +278,7 @@ def test_a_run_stopped_after_its_manifest_switch_is_finished_by_the_next(calibra
         raise KeyboardInterrupt
 
     monkeypatch.setattr(requantize_mod, "fsync_dir", stop)  # right after the manifest write
-    opts = RequantizeOptions(QuantizerOptions("hqq"), progress=False)
+    opts = RequantizeOptions(QuantizerOptions("hqq"))
     with pytest.raises(KeyboardInterrupt):
         requantize(bundle, opts)
     m = read_manifest(bundle)
@@ -303,6 +305,5 @@ def test_export_gptq_checks_its_inputs_before_exporting(source, tmp_path, precis
         path.write_text("w1 w2 w3")
     out = tmp_path / "out"
     with pytest.raises(InputError, match=expected):
-        export(str(src), out, ExportOptions(precisions=precisions, quantizer="gptq", calibration_data=(str(path),),
-                                            progress=False))
+        export_pipeline(str(src), out, ExportOptions(precisions=precisions), GptqOptions(calibration_data=(str(path),)))
     assert not out.exists()  # nothing was exported before the error

@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from dymoe.journal import read_journal
-from dymoe.manifest import read_manifest, verify_file
+from dymoe.bundle.journal import read_journal
+from dymoe.bundle.manifest import read_manifest, verify_file
 from dymoe.toolchain.export import JOURNAL
 from dymoe.toolchain.synthetic import write_synthetic_checkpoint
 
@@ -97,7 +97,7 @@ def test_parallel_workers_write_the_same_bundle(src, tmp_path):
 
 
 def test_journal_ignores_a_torn_last_line(tmp_path):
-    from dymoe.journal import Journal
+    from dymoe.bundle.journal import Journal
 
     path = tmp_path / JOURNAL
     j = Journal(path, "abc", {"a.onnx": {"bytes": 1, "sha256": "x"}})

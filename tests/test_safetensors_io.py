@@ -13,9 +13,9 @@ import safetensors.numpy
 import safetensors.torch
 import torch
 
-from dymoe.errors import CheckpointError
+from dymoe.bundle.errors import CheckpointError
+from dymoe.bundle.safetensors_io import SafetensorsFile, write_safetensors
 from dymoe.toolchain.checkpoint import Checkpoint
-from dymoe.toolchain.safetensors_io import SafetensorsFile, write_safetensors
 
 TORCH_DTYPE = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 SPECIAL = [0.0, -0.0, 1.0, -2.5, float("inf"), float("-inf"), float("nan"), 1e-40, -3e-39, 6.1e-5,

@@ -16,13 +16,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-from dymoe import fsutil
-from dymoe.errors import BundleError
-from dymoe.lock import LOCK_NAME
-from dymoe.manifest import read_manifest, verify_file
+from dymoe.bundle import fsutil
+from dymoe.bundle.errors import BundleError
+from dymoe.bundle.manifest import read_manifest, verify_file
+from dymoe.bundle.naming import LOCK_NAME
 from dymoe.toolchain.synthetic import write_synthetic_checkpoint
 
 PRECISIONS = "fp32,int4"
@@ -407,8 +408,12 @@ def _assert_clean(result, *needles):
         assert needle in text, text
 
 
+def _one_mib_free(path):
+    return SimpleNamespace(total=10**9, used=10**9 - 2**20, free=2**20)
+
+
 def test_too_little_free_space_is_refused_before_export(src, tmp_path, monkeypatch):
-    monkeypatch.setattr(fsutil.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 2**20, 2**20))
+    monkeypatch.setattr(fsutil.shutil, "disk_usage", _one_mib_free)
     out = tmp_path / "b"
     _assert_clean(_cli("export", src, "--out", out), "needs about", "only 1.0 MiB is free")
     assert not (out / "backbone").exists()
@@ -438,7 +443,7 @@ def test_collect_inputs_checks_the_disk_first(bundle, tmp_path, monkeypatch):
     text = tmp_path / "t.txt"
     text.write_text(" ".join(f"w{i % 60}" for i in range(2000)))
     before = tree(bundle)
-    monkeypatch.setattr(fsutil.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 2**20, 2**20))
+    monkeypatch.setattr(fsutil.shutil, "disk_usage", _one_mib_free)
     _assert_clean(_cli("calibrate", bundle, "--data", text, "--collect-inputs", "--no-report"), "--collect-inputs",
                   "needs about")
     assert tree(bundle) == before
@@ -471,7 +476,7 @@ def test_random_names_resolve_inside_or_fail_cleanly(tmp_path):
     from hypothesis import given, settings
     from hypothesis import strategies as st
 
-    from dymoe.paths import resolve
+    from dymoe.bundle.paths import resolve
 
     root = tmp_path / "bundle"
     (root / "experts").mkdir(parents=True)
@@ -501,7 +506,7 @@ def test_random_manifest_edits_never_escape(made, tmp_path):
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
 
-    from dymoe.manifest import check_confined
+    from dymoe.bundle.manifest import check_confined
 
     base = json.loads((made / "manifest.json").read_text())
     rels = sorted(base["files"])

@@ -13,8 +13,8 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from dymoe import graph_io as io
-from dymoe.manifest import ModelSpec
+from dymoe.bundle import graph_io as io
+from dymoe.bundle.manifest import ModelSpec
 
 from .onnx_build import FLOAT, INT64, GraphBuilder
 

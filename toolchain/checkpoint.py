@@ -12,9 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dymoe.errors import CheckpointError
-
-from .safetensors_io import SafetensorsFile, TensorInfo
+from dymoe.bundle.errors import CheckpointError
+from dymoe.bundle.safetensors_io import SafetensorsFile, TensorInfo
 
 TOKENIZER_FILES = (
     "tokenizer.json",

@@ -38,11 +38,11 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .onnx_build import IR_VERSION, OPSET
-from .quantize import QuantizedMatrix, dequantize, pack_codes, quantize_rtn
+from dymoe.bundle.precisions import BITS, PRECISIONS
 
-PRECISIONS = ("fp32", "fp16", "int8", "int4", "int2")  # ladder order, highest first
-BITS = {"int8": 8, "int4": 4, "int2": 2}
+from .blockquant import QuantizedMatrix, dequantize, pack_codes, quantize_rtn
+from .onnx_build import IR_VERSION, OPSET
+
 DEFAULT_FORMAT = {"int8": "qdq", "int4": "qdq", "int2": "nbits"}
 FORMATS = ("qdq", "nbits")
 
@@ -64,7 +64,7 @@ class ExpertQuantStats:
     output_rel_error: float
 
 
-def _silu(z: np.ndarray) -> np.ndarray:
+def silu(z: np.ndarray) -> np.ndarray:
     # sigmoid(z) = (1 + tanh(z/2)) / 2: no exp overflow for very negative z.
     return z * (np.float32(0.5) * (np.float32(1.0) + np.tanh(np.float32(0.5) * z)))
 
@@ -75,7 +75,7 @@ def reference_forward(x: np.ndarray, gate: np.ndarray, up: np.ndarray,
     x = np.asarray(x, dtype=np.float32)
     g = x @ np.asarray(gate, dtype=np.float32).T
     u = x @ np.asarray(up, dtype=np.float32).T
-    return ((_silu(g) * u) @ np.asarray(down, dtype=np.float32).T).astype(np.float32, copy=False)
+    return ((silu(g) * u) @ np.asarray(down, dtype=np.float32).T).astype(np.float32, copy=False)
 
 
 def probe_input(H: int) -> np.ndarray:
@@ -266,8 +266,8 @@ def build_expert_model(gate: np.ndarray, up: np.ndarray, down: np.ndarray, preci
         acts[proj], acts[proj + "_eff"] = src @ w_kn, src_eff @ w_eff
         del w_eff
         if proj == "up":
-            acts["h"] = _silu(acts["gate"]) * acts["up"]
-            acts["h_eff"] = _silu(acts["gate_eff"]) * acts["up_eff"]
+            acts["h"] = silu(acts["gate"]) * acts["up"]
+            acts["h_eff"] = silu(acts["gate_eff"]) * acts["up_eff"]
 
     # silu(g) = g * sigmoid(g) as Sigmoid + Mul: ORT CPU fuses the pair into one
     # QuickGelu(alpha=1) kernel; TensorRT fuses the pointwise chain.

@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .quantize import QuantizedMatrix, dequantize, unpack_codes
+from .blockquant import QuantizedMatrix, dequantize, unpack_codes
 
 _PROJS = ("gate", "up", "down")
 

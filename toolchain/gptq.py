@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .blockquant import SUPPORTED_BITS, QuantizedMatrix, block_slabs, round_codes
 from .hqq import HqqOptions, fit_params
-from .quantize import SUPPORTED_BITS, QuantizedMatrix, _block_slabs, round_codes
 
 LAZY_ROWS = 128  # rows updated together with one matrix product (GPTQ's "lazy batch")
 
@@ -106,7 +106,7 @@ def quantize_gptq(w: np.ndarray, bits: int, block_size: int, hessian: np.ndarray
     if options.act_order:
         # static groups: every block's parameters from the original weights, then the rows by
         # decreasing input energy
-        for r0, r1, b0, b1 in _block_slabs(K, B, N):
+        for r0, r1, b0, b1 in block_slabs(K, B, N):
             nblk = b1 - b0
             scale[b0:b1], zero_point[b0:b1] = fit_params(w[r0:r1].reshape(nblk, (r1 - r0) // nblk, N), bits,
                                                          options.params)

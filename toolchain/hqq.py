@@ -1,6 +1,6 @@
 """Data-free quantizer: optimised scales and zero points (HQQ-style), numpy only.
 
-Same output as :func:`dymoe.toolchain.quantize.quantize_rtn` - uint8 codes, float32 scale, integer
+Same output as :func:`dymoe.toolchain.blockquant.quantize_rtn` - uint8 codes, float32 scale, integer
 zero point per (block, column) - so the ONNX encodings (QDQ, MatMulNBits) do not change. Only the
 choice of ``scale`` and ``zero_point`` differs. Dimension letters as in ``quantize.py``: ``K`` in,
 ``N`` out, ``B`` block along K, ``nb`` blocks; a slab of blocks is ``[nblk, B, N]``.
@@ -42,7 +42,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .quantize import SUPPORTED_BITS, QuantizedMatrix, _block_slabs, minmax_params, round_codes
+from .blockquant import SUPPORTED_BITS, QuantizedMatrix, block_slabs, minmax_params, round_codes
 
 
 @dataclass(frozen=True)
@@ -168,7 +168,7 @@ def quantize_hqq(w: np.ndarray, bits: int, block_size: int, options: HqqOptions 
     q = np.empty((K, N), dtype=np.uint8)
     scale = np.empty((nb, N), dtype=np.float32)
     zero_point = np.empty((nb, N), dtype=np.uint8)
-    for r0, r1, b0, b1 in _block_slabs(K, block_size, N):
+    for r0, r1, b0, b1 in block_slabs(K, block_size, N):
         nblk = b1 - b0
         wb = np.asarray(w[r0:r1], dtype=np.float32).reshape(nblk, (r1 - r0) // nblk, N)
         s, z, codes = fit(wb, bits, options)

@@ -21,8 +21,8 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 
-from dymoe.errors import CheckpointError
-from dymoe.manifest import ModelSpec
+from dymoe.bundle.errors import CheckpointError
+from dymoe.bundle.manifest import ModelSpec
 
 
 @dataclass(frozen=True)

@@ -20,21 +20,21 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from dymoe import defaults
+from dymoe.bundle.precisions import BITS
 
-from .expert_graph import BITS, _silu, reference_forward
+from .blockquant import QuantizedMatrix, dequantize, quantize_rtn
+from .expert_graph import reference_forward, silu
 from .gptq import GptqOptions, inverse_factor, quantize_gptq
 from .hqq import HqqOptions, quantize_hqq
-from .quantize import QuantizedMatrix, dequantize, quantize_rtn
+from .options import GPTQ_MIN_TOKENS, QUANTIZER, QUANTIZERS
 
-QUANTIZERS = ("rtn", "hqq", "gptq")
 FALLBACK = "hqq"  # what gptq uses for an expert without enough routed tokens
 
 
 @dataclass(frozen=True)
 class QuantizerOptions:
-    name: str = defaults.QUANTIZER
-    min_tokens: int = defaults.GPTQ_MIN_TOKENS
+    name: str = QUANTIZER
+    min_tokens: int = GPTQ_MIN_TOKENS
     hqq: HqqOptions = field(default_factory=HqqOptions)
     gptq: GptqOptions = field(default_factory=GptqOptions)
 
@@ -121,7 +121,7 @@ def quantize_expert(gate: np.ndarray, up: np.ndarray, down: np.ndarray, precisio
         factor = None if options.gptq.act_order else inputs.factor(options.gptq.damp)  # act order permutes first
         mats = {"gate": _one(g_kn, bits, block_size, how, options, hs, factor),
                 "up": _one(u_kn, bits, block_size, how, options, hs, factor)}
-        act = _silu(x @ dequantize(mats["gate"])) * (x @ dequantize(mats["up"]))  # [T, I] as served
+        act = silu(x @ dequantize(mats["gate"])) * (x @ dequantize(mats["up"]))  # [T, I] as served
         mats["down"] = _one(d_kn, bits, block_size, how, options, gram(act))
     else:
         mats = {p: _one(w, bits, block_size, how, options) for p, w in (("gate", g_kn), ("up", u_kn), ("down", d_kn))}

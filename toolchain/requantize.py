@@ -12,39 +12,36 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-import dymoe
-from dymoe.bundle_folder import remove_listed, remove_temp_files
-from dymoe.errors import BundleError, InputError
-from dymoe.fsutil import fsync_dir, require_free_space, sha256_file
-from dymoe.journal import Journal, read_journal, read_retired
-from dymoe.lock import bundle_lock
-from dymoe.manifest import FileEntry, Manifest, check_confined, read_manifest, read_verified
-from dymoe.paths import resolve
+from dymoe.bundle.errors import BundleError, InputError
+from dymoe.bundle.folder import remove_listed, remove_temp_files
+from dymoe.bundle.fsutil import fsync_dir, require_free_space, sha256_file
+from dymoe.bundle.journal import Journal, read_journal, read_retired
+from dymoe.bundle.lock import bundle_lock
+from dymoe.bundle.manifest import FileEntry, Manifest, check_confined, read_manifest, read_verified
+from dymoe.bundle.naming import REQUANTIZE_JOURNAL, variant_path
+from dymoe.bundle.paths import resolve
+from dymoe.bundle.precisions import BITS, FLOAT, FORMATS, PRECISIONS
+from dymoe.bundle.progress import Counter, ProgressFn
+from dymoe.bundle.version import __version__
 
-from .expert_graph import BITS, PRECISIONS, expected_bytes
+from .expert_graph import expected_bytes
 from .expert_weights import expert_weights
-from .export import FORMATS, entry_of, variant_of, write_expert
 from .quantizers import QuantizerOptions, RoutedInputs
+from .variants import entry_of, variant_of, write_expert
 
-JOURNAL = ".dymoe-requantize.jsonl"
-FLOAT_SOURCES = ("fp32", "fp16")  # where the weights are read from, best first
+JOURNAL = REQUANTIZE_JOURNAL
 
 
 @dataclass(frozen=True)
 class RequantizeOptions:
     quantizer: QuantizerOptions = QuantizerOptions()
     precisions: tuple[str, ...] = ()  # integer precisions to (re)write; () = every one in the bundle
-    progress: bool = True
-
-
-def variant_path(layer: int, expert: int, precision: str, quantizer: str, tag: str) -> str:
-    return f"experts/layer_{layer:03d}/expert_{expert:03d}.{precision}.{quantizer}-{tag}.onnx"
+    progress: ProgressFn | None = field(default=None, compare=False)
 
 
 def _targets(manifest: Manifest, options: RequantizeOptions) -> tuple[str, ...]:
@@ -69,7 +66,7 @@ def _intact(bundle: Path, rel: str, entry: dict) -> bool:
 
 
 def _source_precision(manifest: Manifest, bundle: Path) -> str:
-    for p in FLOAT_SOURCES:
+    for p in FLOAT:  # where the weights are read from, best first
         if p in manifest.quantization.precisions:
             return p
     raise BundleError(f"{bundle} has no fp32 or fp16 experts to requantize from",
@@ -79,8 +76,8 @@ def _source_precision(manifest: Manifest, bundle: Path) -> str:
 
 def _inputs(bundle: Path, manifest: Manifest, needed: bool):
     """The calibration's expert-input reader, or None when there is none and it is not needed."""
-    from dymoe.calibration.inputs import load_expert_inputs
-    from dymoe.calibration.schema import read_calibration
+    from dymoe.bundle.calibration import read_calibration
+    from dymoe.bundle.inputs import load_expert_inputs
 
     if not manifest.calibration or manifest.calibration not in manifest.files:
         if needed:
@@ -104,7 +101,7 @@ def _fingerprint(manifest: Manifest, source: str, targets: tuple[str, ...], opti
         "sources": hashlib.sha256("".join(sources).encode()).hexdigest(),
         "inputs": [manifest.files[f].sha256 for f in input_files],
         "quantizer": dataclasses.asdict(options.quantizer), "precisions": targets,
-        "block_size": manifest.quantization.block_size, "dymoe": dymoe.__version__,
+        "block_size": manifest.quantization.block_size, "dymoe": __version__,
     }, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -164,32 +161,30 @@ def _requantize_locked(bundle: Path, options: RequantizeOptions) -> Manifest:
     require_free_space(bundle, _needed_bytes(manifest, targets, done), f"requantizing {', '.join(targets)}",
                        "free some space on that disk, or requantize fewer precisions (--precisions)")
     journal = Journal(bundle / JOURNAL, fingerprint, done)
-    with Progress(TextColumn("[bold]requantize[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), TimeRemainingColumn(), disable=not options.progress) as bar:
-        task = bar.add_task(f"{qopts.name} {','.join(targets)}", total=len(manifest.experts))
-        for entry in manifest.experts:
-            rels = {p: variant_path(entry.layer, entry.expert, p, qopts.name, tag) for p in targets}
-            if all(r in done for r in rels.values()):
-                bar.advance(task)
+    counter = Counter(options.progress, f"requantize {qopts.name} {','.join(targets)}", len(manifest.experts))
+    for entry in manifest.experts:
+        rels = {p: variant_path(entry.layer, entry.expert, p, qopts.name, tag) for p in targets}
+        if all(r in done for r in rels.values()):
+            counter.tick()
+            continue
+        data = read_verified(bundle, manifest, entry.variants[source].path)
+        gate, up, down = expert_weights(onnx.load_model_from_string(data))
+        del data
+        x = reader.rows(entry.layer, entry.expert) if reader else None
+        if x is not None and x.shape[0] == 0:
+            x = None
+        if x is not None:
+            x = RoutedInputs(x)  # shared by the expert's precisions
+        for p, rel in rels.items():
+            if rel in done:
                 continue
-            data = read_verified(bundle, manifest, entry.variants[source].path)
-            gate, up, down = expert_weights(onnx.load_model_from_string(data))
-            del data
-            x = reader.rows(entry.layer, entry.expert) if reader else None
-            if x is not None and x.shape[0] == 0:
-                x = None
-            if x is not None:
-                x = RoutedInputs(x)  # shared by the expert's precisions
-            for p, rel in rels.items():
-                if rel in done:
-                    continue
-                finished = {rel: write_expert(bundle, rel, gate, up, down, p, manifest.quantization.block_size,
-                                              qopts, name=f"l{entry.layer}_e{entry.expert}_{p}", inputs=x)}
-                if x is None and qopts.needs_inputs:  # the expert got no routed token at all
-                    finished[rel]["calibration_tokens"] = 0
-                done.update(finished)
-                journal.record(finished)
-            bar.advance(task)
+            finished = {rel: write_expert(bundle, rel, gate, up, down, p, manifest.quantization.block_size,
+                                          qopts, name=f"l{entry.layer}_e{entry.expert}_{p}", inputs=x)}
+            if x is None and qopts.needs_inputs:  # the expert got no routed token at all
+                finished[rel]["calibration_tokens"] = 0
+            done.update(finished)
+            journal.record(finished)
+        counter.tick()
 
     old = set()
     for entry in manifest.experts:

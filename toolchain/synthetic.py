@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .safetensors_io import write_safetensors
+from dymoe.bundle.safetensors_io import write_safetensors
 
 
 def write_synthetic_checkpoint(

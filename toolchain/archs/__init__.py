@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from dymoe.errors import CheckpointError
+from dymoe.bundle.errors import CheckpointError
 
 from . import mixtral, olmoe, qwen2_moe, qwen3_moe
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from dymoe.errors import CheckpointError
-from dymoe.manifest import ModelSpec, spec_problems
+from dymoe.bundle.errors import CheckpointError
+from dymoe.bundle.manifest import ModelSpec, spec_problems
 
 from ..layout import Ref
 

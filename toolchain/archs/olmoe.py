@@ -3,7 +3,7 @@ before splitting heads), optional ``clip_qkv``, no shared expert."""
 
 from __future__ import annotations
 
-from dymoe.manifest import ModelSpec
+from dymoe.bundle.manifest import ModelSpec
 
 from ..layout import Ref
 from ._common import as_float, attention_refs, base_spec, expert_refs, need_int, top_refs

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from dymoe.manifest import ModelSpec
+from dymoe.bundle.manifest import ModelSpec
 
 from ..layout import Ref
 from ._common import attention_refs, base_spec, expert_refs, need_int, reject_dense_layers, top_refs

@@ -10,7 +10,7 @@ import os
 
 import onnxruntime as ort
 
-from dymoe.errors import BundleError
+from dymoe.bundle.errors import BundleError
 
 
 def backbone_threads() -> int:

@@ -15,7 +15,7 @@ import re
 import stat
 from pathlib import Path
 
-from dymoe.errors import BundleError
+from dymoe.bundle.errors import BundleError
 
 MAX_NAME = 1024  # characters in one relative path: far above anything dymoe writes
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")

@@ -1,48 +1,15 @@
-"""Tables and plots of a ``dymoe bench`` result (matplotlib, headless)."""
+"""Plots of a ``dymoe bench`` result (matplotlib, headless; an optional extra: dymoe[report])."""
 
 from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
 
-from rich.console import Console
-from rich.table import Table
-
-
-def _fmt(v, scale=1.0, digits=1) -> str:
-    return "-" if v is None else f"{v * scale:,.{digits}f}"
-
-
-def print_tables(result: dict, console: Console) -> None:
-    for entry in result["results"]:
-        opts = result["options"]
-        storage = f"io {opts['io']}" + (f", emulated {opts['storage_profile']}" if opts["storage_profile"] else "")
-        t = Table(title=f"budget {entry['budget']} of {opts['full_precision']} experts, {storage}; "
-                        f"medians of {opts['repeats']} x {len(opts['prompt_tokens'])} runs")
-        bases = [b for b in ("ondemand", "lru") if b in entry["policies"]]
-        cols = ["policy", "TTFT ms", "TPOT ms", "stall/tok ms", "MiB read/tok", "hit rate", "prefetch recall",
-                "peak RSS MiB", *[f"{m} x {b}" for b in bases for m in ("TTFT", "TPOT")], "perplexity",
-                "top-1 agree"]
-        for c in cols:
-            t.add_column(c, justify="right")
-        for name, r in entry["policies"].items():
-            ratios = [_fmt(r.get(f"{k}_speedup_vs_{b}"), 1, 2) for b in bases for k in ("ttft_s", "tpot_s")]
-            t.add_row(name, _fmt(r["ttft_s"], 1e3), _fmt(r["tpot_s"], 1e3), _fmt(r["stall_per_token_s"], 1e3),
-                      _fmt(r["bytes_read_per_token"], 1 / 2**20, 2), _fmt(r["hit_rate"], 1, 2),
-                      _fmt(r["prefetch_recall"], 1, 2), _fmt(r["peak_rss_bytes"], 1 / 2**20, 0), *ratios,
-                      _fmt(r["perplexity"], 1, 3), _fmt(r["top1_agreement"], 1, 3))
-        console.print(t)
-    if result.get("reference"):
-        ref = result["reference"]
-        console.print(f"reference: {ref['precision']} all resident, perplexity {ref['perplexity']:.3f} "
-                      f"on {ref['tokens']} tokens")
+from .plotting import require_matplotlib, save_png
 
 
 def write_plots(result: dict, folder: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = require_matplotlib()
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -108,8 +75,4 @@ def write_plots(result: dict, folder: Path) -> list[Path]:
 
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-    return path
+    return save_png(fig, path)

@@ -3,43 +3,23 @@ precision, or a memory-budgeted policy), generate many times, report metrics."""
 
 from __future__ import annotations
 
-import os
 import resource
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from dymoe.bundle.progress import ProgressFn
+
 from .bundle import Bundle
 from .experts import ExpertExecutor, StaticExperts
 from .generate import GenerationResult, generate
+from .memory import current_rss
 from .model import MoEModel
+from .policy_config import PolicyRun
 from .sampling import SamplingParams
 from .tokenizer import StreamDecoder, TextTokenizer
-
-
-def current_rss() -> int:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:  # not Linux: fall back to the lifetime peak
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-@dataclass
-class PolicyRun:
-    """What a budgeted run needs beside the policy: how to read and how much may be resident."""
-
-    policy: str = "dymoe"
-    budget: str = "100%"
-    policy_config: Path | None = None
-    io: str = "cached"
-    storage_profile: str | None = None
-    engine_cache: str | None = "auto"  # "auto": the user cache folder; a folder; None: off
-    full_precision: str | None = None  # what "full precision" means (default: the bundle's highest)
-    overrides: dict = field(default_factory=dict)  # PolicyConfig fields given on the command line
-    on_note: Callable[[str], None] | None = None  # told of fallbacks as they happen (the CLI prints them)
 
 
 @dataclass
@@ -113,7 +93,7 @@ class ModelSession:
 
 
 def open_model(path: Path, precision: str | None = None, experts: ExpertExecutor | None = None,
-               progress: bool = False, policy: PolicyRun | None = None) -> ModelSession:
+               progress: ProgressFn | None = None, policy: PolicyRun | None = None) -> ModelSession:
     """Open a bundle: with ``policy``, a memory-budgeted orchestrated run; otherwise every
     expert resident at ``precision`` (default: the bundle's highest)."""
     bundle = Bundle(path)

@@ -15,17 +15,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dymoe.errors import BundleError, ChecksumError
-from dymoe.fsutil import atomic_write_text, sha256_file
-from dymoe.paths import check_relative, is_sha256, resolve, resolve_file
+from dymoe.bundle.errors import BundleError, ChecksumError
+from dymoe.bundle.fsutil import atomic_write_text, sha256_file
+from dymoe.bundle.naming import MANIFEST_NAME
+from dymoe.bundle.paths import check_relative, is_sha256, resolve, resolve_file
+from dymoe.bundle.precisions import KNOWN_FORMATS
+from dymoe.bundle.precisions import PRECISIONS as KNOWN_PRECISIONS
 
 SCHEMA_VERSION = 2
 # 1: before each quantized variant recorded its quantizer (all of them were round-to-nearest);
 # read by filling that in, written back as 2.
 READABLE_SCHEMA_VERSIONS = (1, 2)
-MANIFEST_NAME = "manifest.json"
-KNOWN_PRECISIONS = ("fp32", "fp16", "int8", "int4", "int2")  # highest first
-KNOWN_FORMATS = ("float", "qdq", "matmulnbits")
 QK_NORMS = ("none", "head", "full")
 
 

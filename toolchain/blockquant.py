@@ -70,7 +70,7 @@ class QuantizedMatrix:
         return (1 << self.bits) - 1
 
 
-def _block_slabs(K: int, block_size: int, N: int):
+def block_slabs(K: int, block_size: int, N: int):
     """Yield ``(row_start, row_stop, block_start, block_stop)`` slabs covering K.
 
     A slab is either several full blocks or, at the end, the single short block, so that
@@ -123,7 +123,7 @@ def quantize_rtn(w: np.ndarray, bits: int, block_size: int) -> QuantizedMatrix:
     scale = np.empty((nb, N), dtype=np.float32)
     zero_point = np.empty((nb, N), dtype=np.uint8)
 
-    for r0, r1, b0, b1 in _block_slabs(K, block_size, N):
+    for r0, r1, b0, b1 in block_slabs(K, block_size, N):
         rows = r1 - r0
         nblk = b1 - b0
         wb = w[r0:r1].reshape(nblk, rows // nblk, N)  # splitting one axis: still a view
@@ -146,7 +146,7 @@ def dequantize(qm: QuantizedMatrix) -> np.ndarray:
     """
     K, N, B = qm.K, qm.N, qm.block_size
     out = np.empty((K, N), dtype=np.float32)
-    for r0, r1, b0, b1 in _block_slabs(K, B, N):
+    for r0, r1, b0, b1 in block_slabs(K, B, N):
         nblk = b1 - b0
         ob = out[r0:r1].reshape(nblk, (r1 - r0) // nblk, N)
         np.subtract(qm.q[r0:r1].reshape(ob.shape), qm.zero_point[b0:b1, None, :],

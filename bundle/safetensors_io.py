@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dymoe.errors import CheckpointError
+from dymoe.bundle.errors import CheckpointError
 
 _DTYPES = {
     "F32": (np.dtype("<f4"), 4),

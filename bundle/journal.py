@@ -12,7 +12,7 @@ import json
 import os
 from pathlib import Path
 
-from dymoe.fsutil import atomic_write_text
+from dymoe.bundle.fsutil import atomic_write_text
 
 
 def read_journal(path: Path) -> tuple[str | None, dict[str, dict]]:

@@ -15,10 +15,10 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dymoe.errors import BundleError, InputError
-from dymoe.lock import LOCK_NAME
-from dymoe.manifest import MANIFEST_NAME, Manifest, read_manifest
-from dymoe.paths import bad_relative, check_relative, remove
+from dymoe.bundle.errors import BundleError, InputError
+from dymoe.bundle.manifest import Manifest, read_manifest
+from dymoe.bundle.naming import LOCK_NAME, MANIFEST_NAME
+from dymoe.bundle.paths import bad_relative, check_relative, remove
 
 # an atomic write's temporary file: ".<name>.<random>.tmp" (fsutil.temp_name; older: mkstemp's)
 _TEMP = re.compile(r"^\..+\.[A-Za-z0-9_]{1,16}\.tmp$")
@@ -35,7 +35,7 @@ class FolderState:
 
 def folder_state(out: Path, journal_name: str) -> FolderState:
     """Classify ``out`` without changing anything."""
-    from dymoe.journal import read_journal
+    from dymoe.bundle.journal import read_journal
 
     out = Path(out)
     if not out.exists() and not out.is_symlink():

@@ -1,5 +1,5 @@
 """One writer per bundle: export, requantize and calibrate hold an exclusive lock on
-``BUNDLE/.dymoe.lock`` while they change the bundle; readers (run, bench, eval, info) take no
+``BUNDLE/.dymoe.bundle.lock`` while they change the bundle; readers (run, bench, eval, info) take no
 lock and are never blocked, because every file a writer changes is replaced atomically and
 manifest.json switches last.
 
@@ -16,9 +16,8 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from dymoe.errors import BundleError
-
-LOCK_NAME = ".dymoe.lock"
+from dymoe.bundle.errors import BundleError
+from dymoe.bundle.naming import LOCK_NAME
 
 try:
     import fcntl

@@ -13,7 +13,7 @@ import secrets
 import shutil
 from pathlib import Path
 
-from dymoe.errors import DymoeError, InputError
+from dymoe.bundle.errors import DymoeError, InputError
 
 _CHUNK = 1 << 20
 _FILE_MODE = 0o666  # the kernel applies the umask

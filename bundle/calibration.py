@@ -1,7 +1,7 @@
 """``calibration.json``: what ``dymoe calibrate`` measured, the contract the runtime reads.
 
 Deterministic by construction: no timestamps or timings, every float rounded to
-``options.FLOAT_DIGITS`` significant digits, keys sorted. The reader is strict (the manifest's
+``FLOAT_DIGITS`` significant digits, keys sorted. The reader is strict (the manifest's
 ``from_dict``: unknown or missing fields are errors naming the field) and checks the file's
 sha256 against manifest.json.
 
@@ -14,15 +14,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from dymoe.errors import BundleError
-from dymoe.manifest import Manifest, from_dict, read_verified
-from dymoe.paths import check_relative
+from dymoe.bundle.errors import BundleError
+from dymoe.bundle.manifest import Manifest, from_dict, read_verified
+from dymoe.bundle.naming import CALIBRATION_NAME
+from dymoe.bundle.paths import check_relative
+from dymoe.bundle.precisions import SKIP
 
-from .options import CALIBRATION_NAME, FLOAT_DIGITS
-from .stats import round_sig
+FLOAT_DIGITS = 6  # significant digits of every float in calibration.json
 
 SCHEMA_VERSION = 1
 
@@ -176,6 +178,15 @@ class Calibration:
         return None
 
 
+def round_sig(x: float, digits: int) -> float:
+    """``x`` rounded to ``digits`` significant digits (the form every calibration.json float takes)."""
+    if not math.isfinite(x):
+        raise ValueError(f"non-finite value {x}")
+    if x == 0:
+        return 0.0
+    return float(f"{x:.{digits}g}")
+
+
 def _rounded(obj):
     if isinstance(obj, float):
         return round_sig(obj, FLOAT_DIGITS)
@@ -219,3 +230,36 @@ def read_calibration(bundle: Path, manifest: Manifest) -> Calibration:
             raise BundleError(f"calibration.json names input file {rel!r}, which manifest.json does not list",
                               "rerun: dymoe calibrate BUNDLE --data TEXT --collect-inputs")
     return cal
+
+
+def load_calibration(bundle: Path, manifest: Manifest) -> Calibration | None:
+    """The bundle's checked calibration, or None when it has not been calibrated."""
+    if not manifest.calibration:
+        return None
+    cal = read_calibration(bundle, manifest)
+    if cal.bundle.source_fingerprint_sha256 != manifest.source.fingerprint_sha256:
+        raise BundleError(f"{Path(bundle) / manifest.calibration} was measured on another export",
+                          "rerun dymoe calibrate on this bundle")
+    return cal
+
+
+def priors_of(cal: Calibration) -> dict[tuple[int, int], float]:
+    """What the runtime's eviction and pinning take from calibration: per (layer, expert), its share
+    of the layer's gate mass times the number of experts (1.0 is an average expert)."""
+    n = cal.bundle.num_experts
+    return {(layer.layer, e.expert): e.gate_share * n for layer in cal.importance for e in layer.experts}
+
+
+def retention_of(cal: Calibration, low: str | None = None) -> list[float] | None:
+    """The calibrated depth schedule r(l): ``schedule.recommended[low]``, the smallest retention per
+    layer that kept the measured loss of running the non-critical experts at ``low`` within the
+    budget (``low``: the lowest step of the runtime's ladder; default the bundle's lowest precision).
+    Calibration keeps critical experts at the bundle's highest precision; a ladder whose top is lower
+    adds that precision's error on top. None when the calibration measured no sensitivity."""
+    if cal.schedule is None:
+        return None
+    low = low or next((m for m in reversed(cal.settings.modes) if m != SKIP), None)
+    if low not in cal.schedule.recommended:
+        raise BundleError(f"calibration has no recommended schedule for {low!r} (it has "
+                          f"{', '.join(cal.schedule.recommended) or 'none'})", "rerun dymoe calibrate")
+    return list(cal.schedule.recommended[low])

@@ -1,0 +1,58 @@
+"""What the CLI shows while work runs: one progress line per piece of work, a rich bar on a
+terminal, plain timestamped lines in a log (every few seconds and at the end), so a long step is
+never silent. Library code reports through ``dymoe.bundle.progress``; only this module renders."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+QUIET_S = 5.0  # plain-line progress: work shorter than this prints nothing (quick commands stay quiet)
+LOG_EVERY_S = 10.0  # then at most one line per piece of work this often, and one when it ends
+
+
+class Reporter:
+    """A ``ProgressFn`` for the duration of a ``with`` block."""
+
+    def __init__(self, console: Console, terminal: bool | None = None) -> None:
+        self.console = console
+        self.terminal = console.is_terminal if terminal is None else terminal
+        self._bar: Progress | None = None
+        self._tasks: dict[str, int] = {}
+        self._last: dict[str, float] = {}
+        self._started: dict[str, float] = {}
+
+    def __enter__(self) -> Reporter:
+        if self.terminal:
+            self._bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), TimeRemainingColumn(), console=self.console, transient=True)
+            self._bar.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(*exc)
+
+    def __call__(self, what: str, done: int, total: int) -> None:
+        if self._bar is not None:
+            task = self._tasks.get(what)
+            if task is None:
+                for old in self._tasks.values():  # one line at a time: the newest piece of work
+                    self._bar.update(old, visible=False)
+                task = self._tasks[what] = self._bar.add_task(what, total=total)
+            self._bar.update(task, completed=done, total=total)
+            return
+        now = time.monotonic()
+        start = self._started.setdefault(what, now)
+        spoke = what in self._last
+        if (done >= total and spoke) or (done < total and now - start >= QUIET_S
+                                         and now - self._last.get(what, start - LOG_EVERY_S) >= LOG_EVERY_S):
+            self._last[what] = now
+            self.console.print(f"{what}: {done}/{total} ({now - start:.0f} s)", highlight=False)
+
+
+def reporter(console: Console) -> Reporter:
+    return Reporter(console, console.is_terminal and sys.stderr.isatty())

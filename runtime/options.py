@@ -1,0 +1,9 @@
+"""Run, bench and eval defaults, declared once (the CLI shows them in --help; imports nothing heavy)."""
+
+MAX_NEW_TOKENS = 64
+BUDGET = "100%"  # of every expert resident at the bundle's top precision
+BENCH_POLICIES = "ondemand,lru,lru-prefetch,static-int4,dymoe"
+BENCH_BUDGET = "25%"
+BENCH_NEW_TOKENS = 32
+BENCH_REPEATS = 3
+WINDOW = 128  # perplexity window (tokens)

@@ -1,0 +1,51 @@
+"""Export settings and their defaults, declared once (the CLI shows them in --help; this module
+imports nothing heavy)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from dymoe.bundle.errors import InputError
+from dymoe.bundle.precisions import PRECISIONS as ALL_PRECISIONS
+from dymoe.bundle.precisions import highest_first
+from dymoe.bundle.progress import ProgressFn
+
+PRECISIONS = ("fp16", "int8", "int4", "int2")  # the export ladder; tests add fp32
+BLOCK_SIZE = 32  # chosen by measurement, see README "Quantization"
+# Data-free, and closer to fp32 than round-to-nearest on the demo model (README "Quantizers");
+# gptq needs calibration inputs (dymoe.pipelines runs it).
+QUANTIZER = "hqq"
+QUANTIZERS = ("rtn", "hqq", "gptq")
+DATA_FREE = ("rtn", "hqq")  # quantizers the export itself runs
+GPTQ_MIN_TOKENS = 64  # experts with fewer routed calibration tokens fall back to hqq
+WORKERS = 1
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    precisions: tuple[str, ...] = PRECISIONS
+    block_size: int = BLOCK_SIZE
+    workers: int = WORKERS
+    force: bool = False
+    quantizer: str = QUANTIZER  # rtn or hqq; gptq is a pipeline over export, calibrate and requantize
+    progress: ProgressFn | None = field(default=None, compare=False)
+    # what else the bundle depends on (a pipeline's later stages): part of the export's fingerprint
+    fingerprint_extra: tuple[tuple[str, str], ...] = ()
+    reserve_bytes: int = 0  # disk space a pipeline's later stages will need in the bundle (checked up front)
+
+    def validate(self) -> tuple[str, ...]:
+        """The precisions to write, highest first; a clear error for any impossible setting."""
+        unknown = [p for p in self.precisions if p not in ALL_PRECISIONS]
+        if unknown or not self.precisions:
+            raise InputError(
+                f"unknown precision(s) {', '.join(unknown) or '(none given)'}",
+                f"choose from {', '.join(ALL_PRECISIONS)}",
+            )
+        if self.block_size < 16 or self.block_size & (self.block_size - 1):
+            raise InputError(f"--block-size {self.block_size} must be a power of two >= 16")
+        if self.workers < 1:
+            raise InputError(f"--workers {self.workers} must be at least 1")
+        if self.quantizer not in DATA_FREE:
+            raise InputError(f"the export quantizes with {' or '.join(DATA_FREE)}, not {self.quantizer!r}",
+                             "gptq runs as dymoe export --quantizer gptq --calibration-data FILE")
+        return highest_first(self.precisions)
