@@ -1,5 +1,5 @@
 """One writer per bundle: export, requantize and calibrate hold an exclusive lock on
-``BUNDLE/.dymoe.bundle.lock`` while they change the bundle; readers (run, bench, eval, info) take no
+``BUNDLE/.dymoe.lock`` while they change the bundle; readers (run, bench, eval, info) take no
 lock and are never blocked, because every file a writer changes is replaced atomically and
 manifest.json switches last.
 

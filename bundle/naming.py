@@ -7,7 +7,7 @@ L layer, E expert, P precision; three digits each so that listings sort.
 from __future__ import annotations
 
 MANIFEST_NAME = "manifest.json"
-LOCK_NAME = ".dymoe.bundle.lock"  # the writers' flock (lock.py)
+LOCK_NAME = ".dymoe.lock"  # the writers' flock (lock.py)
 EXPORT_JOURNAL = ".dymoe-export.jsonl"  # finished files of an unfinished export
 REQUANTIZE_JOURNAL = ".dymoe-requantize.jsonl"  # new variants of an unfinished requantize
 JOURNALS = (EXPORT_JOURNAL, REQUANTIZE_JOURNAL)

@@ -130,7 +130,7 @@ def test_recorded_weight_error_obeys_rtn_bound(tiny, precision):
 def test_manifest_records_every_file(tiny):
     m = read_manifest(tiny.bundle)
     on_disk = {str(p.relative_to(tiny.bundle)) for p in tiny.bundle.rglob("*") if p.is_file()}
-    assert on_disk - {"manifest.json", ".dymoe.bundle.lock"} == set(m.files)
+    assert on_disk - {"manifest.json", ".dymoe.lock"} == set(m.files)
     assert len(m.experts) == m.model.num_layers * m.model.num_experts
     errs = [np.mean([e.variants[p].output_rel_error for e in m.experts]) for p in ("int8", "int4", "int2")]
     assert errs[0] < errs[1] < errs[2]

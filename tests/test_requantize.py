@@ -68,7 +68,7 @@ def _check_complete(bundle: Path):
     for rel in m.files:
         verify_file(bundle, m, rel)
     on_disk = {str(p.relative_to(bundle)) for p in bundle.rglob("*") if p.is_file()}
-    assert on_disk - {"manifest.json", ".dymoe.bundle.lock"} == set(m.files)
+    assert on_disk - {"manifest.json", ".dymoe.lock"} == set(m.files)
     return m
 
 

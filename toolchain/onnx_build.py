@@ -54,6 +54,13 @@ class GraphBuilder:
         )
         return out
 
+    def ops(self, op_type: str, inputs: list[str], n: int, domain: str = "", **attrs) -> list[str]:
+        """A node with ``n`` outputs (TopK, Split)."""
+        outs = [self.fresh(op_type.lower()) for _ in range(n)]
+        self.nodes.append(helper.make_node(op_type, inputs, outs, name=self.fresh(f"n_{op_type}"), domain=domain,
+                                           **attrs))
+        return outs
+
     def model(self, extra_opsets: dict[str, int] | None = None) -> onnx.ModelProto:
         graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, self.inits)
         opsets = [helper.make_opsetid("", OPSET)]
@@ -67,6 +74,11 @@ class GraphBuilder:
     def matmul_t(self, x: str, weight: np.ndarray, name: str) -> str:
         """``x @ weight.T`` for a torch-Linear weight ``[out, in]`` (stored as ``[in, out]``)."""
         return self.op("MatMul", [x, self.init(name, np.ascontiguousarray(weight.T, dtype=np.float32))])
+
+    def linear(self, x: str, weight: np.ndarray, name: str, bias: np.ndarray | None = None) -> str:
+        """A torch ``Linear``: ``x @ weight.T (+ bias)``."""
+        y = self.matmul_t(x, weight, name)
+        return y if bias is None else self.op("Add", [y, self.init(f"{name}.bias", np.asarray(bias, np.float32))])
 
     def rms_norm(self, x: str, weight: np.ndarray, eps: float, name: str) -> str:
         """RMSNorm over the last axis, in the Pow/ReduceMean/Div form ORT fuses into one kernel."""
