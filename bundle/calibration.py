@@ -19,10 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dymoe.bundle.errors import BundleError
-from dymoe.bundle.manifest import Manifest, from_dict, read_verified
+from dymoe.bundle.manifest import Manifest, read_verified
 from dymoe.bundle.naming import CALIBRATION_NAME
 from dymoe.bundle.paths import check_relative
 from dymoe.bundle.precisions import SKIP
+from dymoe.bundle.strict import from_dict
 
 FLOAT_DIGITS = 6  # significant digits of every float in calibration.json
 
@@ -207,10 +208,9 @@ def parse(text: str, label: str = CALIBRATION_NAME) -> Calibration:
         raise BundleError(f"{label}: schema_version {version!r}, this dymoe reads {SCHEMA_VERSION}",
                           "rerun dymoe calibrate with this dymoe version")
     try:
-        return from_dict(Calibration, data)
-    except BundleError as e:  # the shared strict reader speaks of manifest.json
-        raise BundleError(e.message.replace("manifest.json", label, 1),
-                          "rerun dymoe calibrate with this dymoe version") from None
+        return from_dict(Calibration, data, label=label)
+    except BundleError as e:
+        raise BundleError(e.message, "rerun dymoe calibrate with this dymoe version") from None
 
 
 def read_calibration(bundle: Path, manifest: Manifest) -> Calibration:

@@ -36,23 +36,31 @@ def memory_bound(num_layers: int, num_experts: int, hidden: int, cap: int) -> in
 
 
 class ExpertInputsReader:
-    """Reads the rows :class:`InputRecorder` kept, checking each layer file against manifest.json
-    the first time it is opened."""
+    """Reads the rows the recorder kept, checking each layer file against manifest.json the first
+    time it is opened. ``expert_inputs``' per-layer lists follow ``model.moe_layers``."""
 
     def __init__(self, bundle: Path, manifest: Manifest, inputs: ExpertInputs) -> None:
         self.bundle = Path(bundle)
         self.manifest = manifest
         self.inputs = inputs
         self.hidden = manifest.model.hidden_size
+        self._slot = {layer: i for i, layer in enumerate(manifest.model.moe_layers)}
         self._open: dict[int, SafetensorsFile] = {}
+
+    def _index(self, layer: int) -> int:
+        slot = self._slot.get(layer)
+        if slot is None or slot >= len(self.inputs.files):
+            raise IndexError(f"layer {layer} has no collected inputs (they cover MoE layers "
+                             f"{list(self._slot)[:len(self.inputs.files)]})")
+        return slot
 
     def seen(self, layer: int, expert: int) -> int:
         """Rows (routed tokens) the expert was offered during calibration; ``rows`` holds at most cap."""
-        return self.inputs.seen[layer][expert]
+        return self.inputs.seen[self._index(layer)][expert]
 
     def rows(self, layer: int, expert: int) -> np.ndarray:
         """The expert's kept routed inputs as float32 ``[n, H]``; n = min(seen, cap), maybe 0."""
-        kept = self.inputs.kept[layer][expert]
+        kept = self.inputs.kept[self._index(layer)][expert]
         f = self._file(layer)
         if kept == 0:
             return np.zeros((0, self.hidden), dtype=np.float32)
@@ -61,11 +69,10 @@ class ExpertInputsReader:
     def _file(self, layer: int) -> SafetensorsFile:
         f = self._open.get(layer)
         if f is None:
-            if not 0 <= layer < len(self.inputs.files):
-                raise IndexError(f"layer {layer} out of range: the inputs cover {len(self.inputs.files)} layers")
-            rel = self.inputs.files[layer]
+            slot = self._index(layer)
+            rel = self.inputs.files[slot]
             f = SafetensorsFile(verify_file(self.bundle, self.manifest, rel))
-            want = {tensor_name(e): (n, self.hidden) for e, n in enumerate(self.inputs.kept[layer]) if n}
+            want = {tensor_name(e): (n, self.hidden) for e, n in enumerate(self.inputs.kept[slot]) if n}
             if {name: t.shape for name, t in f.tensors.items()} != want:
                 raise BundleError(f"{self.bundle / rel} does not hold the rows calibration.json records",
                                   "rerun: dymoe calibrate BUNDLE --data TEXT --collect-inputs")

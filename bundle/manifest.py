@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from dymoe.bundle.errors import BundleError, ChecksumError
 from dymoe.bundle.fsutil import atomic_write_text, sha256_file
@@ -21,45 +19,54 @@ from dymoe.bundle.naming import MANIFEST_NAME
 from dymoe.bundle.paths import check_relative, is_sha256, resolve, resolve_file
 from dymoe.bundle.precisions import KNOWN_FORMATS
 from dymoe.bundle.precisions import PRECISIONS as KNOWN_PRECISIONS
+from dymoe.bundle.strict import from_dict
 
-SCHEMA_VERSION = 2
-# 1: before each quantized variant recorded its quantizer (all of them were round-to-nearest);
-# read by filling that in, written back as 2.
-READABLE_SCHEMA_VERSIONS = (1, 2)
-QK_NORMS = ("none", "head", "full")
+SCHEMA_VERSION = 3
+# 1 and 2: layer graphs returned router logits and the runtime routed; `dymoe upgrade` rewrites
+# such a bundle's backbone (its experts are kept as they are)
+OLD_SCHEMA_VERSIONS = (1, 2)
+
+
+@dataclass
+class CacheTensor:
+    """One tensor of a layer's KV cache: the layer graph's ``past_{name}`` input ``[heads, P, dim]``
+    and ``present_{name}`` output ``[heads, S, dim]`` (MLA keeps a compressed latent, GQA keys
+    and values per KV head)."""
+
+    name: str
+    heads: int
+    dim: int
 
 
 @dataclass
 class ModelSpec:
-    """Architecture facts, in one canonical vocabulary for every supported ``model_type``."""
+    """What the runtime and calibration need to know of a model, whatever its architecture. The
+    architecture's own settings (attention kind, heads, rope, routing rule) are in the manifest's
+    ``architecture`` object; its maths is in the layer graphs."""
 
     model_type: str
     hidden_size: int
     vocab_size: int
     num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    num_experts: int
-    top_k: int
+    num_experts: int  # routed experts per MoE layer
+    top_k: int  # experts each token is routed to
     expert_intermediate_size: int
-    shared_intermediate_size: int  # 0: no shared expert
-    shared_expert_gate: bool  # shared expert output scaled by sigmoid(x . w)
-    norm_topk_prob: bool  # renormalise the top-k routing weights to sum to 1
-    rms_norm_eps: float
-    rope_theta: float
+    moe_layers: list[int]  # layers with routed experts, ascending; the others are dense
+    kv_cache: list[CacheTensor]  # per layer, the same for every layer
     max_position_embeddings: int
-    sliding_window: int | None
-    qk_norm: str  # "none" | "head" (RMSNorm per head, Qwen3) | "full" (over all heads, OLMoE)
-    clip_qkv: float | None  # clamp q, k, v projections to +-clip_qkv (OLMoE option)
-    attention_bias: bool
-    tie_word_embeddings: bool
     bos_token_id: int | None
     eos_token_ids: list[int]
 
+    def is_moe(self, layer: int) -> bool:
+        return layer in self.moe_layers
 
-_POSITIVE = ("hidden_size", "vocab_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "num_experts",
-             "top_k", "expert_intermediate_size", "max_position_embeddings")
+    def kv_bytes_per_token(self) -> int:
+        """float32 KV cache bytes one token adds over all layers."""
+        return 4 * self.num_layers * sum(c.heads * c.dim for c in self.kv_cache)
+
+
+_POSITIVE = ("hidden_size", "vocab_size", "num_layers", "num_experts", "top_k", "expert_intermediate_size",
+             "max_position_embeddings")
 
 
 def spec_problems(s: ModelSpec) -> list[tuple[str, str]]:
@@ -69,22 +76,14 @@ def spec_problems(s: ModelSpec) -> list[tuple[str, str]]:
     bad = {f for f, _ in out}
     if "num_experts" not in bad and "top_k" not in bad and s.top_k > s.num_experts:
         out.append(("top_k", f"is {s.top_k}, more than the {s.num_experts} experts per layer"))
-    if "num_heads" not in bad and "num_kv_heads" not in bad and s.num_heads % s.num_kv_heads:
-        out.append(("num_kv_heads", f"is {s.num_kv_heads}, which does not divide the {s.num_heads} attention heads"))
-    if "head_dim" not in bad and s.head_dim % 2:
-        out.append(("head_dim", f"is {s.head_dim}; the rotary embedding needs an even head size"))
-    if s.shared_intermediate_size < 0:
-        out.append(("shared_intermediate_size", f"is {s.shared_intermediate_size}, must not be negative"))
-    for f in ("rms_norm_eps", "rope_theta"):
-        v = getattr(s, f)
-        if not (v > 0 and v < float("inf")):
-            out.append((f, f"is {v}, must be a positive number"))
-    if s.sliding_window is not None and s.sliding_window < 1:
-        out.append(("sliding_window", f"is {s.sliding_window}, must be at least 1 (or absent)"))
-    if s.clip_qkv is not None and not s.clip_qkv > 0:
-        out.append(("clip_qkv", f"is {s.clip_qkv}, must be positive (or absent)"))
-    if s.qk_norm not in QK_NORMS:
-        out.append(("qk_norm", f"is {s.qk_norm!r}, must be one of {', '.join(QK_NORMS)}"))
+    if not s.moe_layers or s.moe_layers != sorted(set(s.moe_layers)) or not (
+            0 <= s.moe_layers[0] and s.moe_layers[-1] < s.num_layers):
+        out.append(("moe_layers", f"is {s.moe_layers}: must be distinct ascending layers in 0..{s.num_layers - 1}, "
+                                  "at least one"))
+    names = [c.name for c in s.kv_cache]
+    if not s.kv_cache or len(set(names)) != len(names) or any(c.heads < 1 or c.dim < 1 for c in s.kv_cache) \
+            or not all(n.isidentifier() for n in names):
+        out.append(("kv_cache", "must list distinct named cache tensors with positive heads and dim"))
     for i, t in enumerate(s.eos_token_ids):
         if not 0 <= t < max(s.vocab_size, 1):
             out.append((f"eos_token_ids[{i}]", f"is {t}, outside the vocabulary of {s.vocab_size}"))
@@ -121,8 +120,9 @@ class ExpertEntry:
 @dataclass
 class Backbone:
     embed: str
-    layers: list[str]
+    layers: list[str]  # one graph per layer
     head: str
+    routers: list[str]  # one small routing graph per MoE layer (model.moe_layers order): the look-ahead predictor
 
 
 @dataclass
@@ -154,11 +154,18 @@ class Manifest:
     tokenizer: list[str]
     backbone: Backbone
     experts: list[ExpertEntry]
+    architecture: dict[str, Any]  # the architecture's own settings the graphs were built from (informative)
     files: dict[str, FileEntry] = field(default_factory=dict)
     calibration: str | None = None  # relative path of calibration.json (dymoe calibrate), listed in files
 
     def expert(self, layer: int, expert: int) -> ExpertEntry:
-        entry = self.experts[layer * self.model.num_experts + expert]
+        """The entry of ``expert`` in MoE layer ``layer`` (experts are listed layer by layer)."""
+        try:
+            slot = self.model.moe_layers.index(layer)
+        except ValueError:
+            raise BundleError(f"layer {layer} has no routed experts (it is a dense layer)",
+                              "ask for one of the MoE layers " + str(self.model.moe_layers)) from None
+        entry = self.experts[slot * self.model.num_experts + expert]
         assert entry.layer == layer and entry.expert == expert
         return entry
 
@@ -169,80 +176,8 @@ class Manifest:
         atomic_write_text(Path(bundle) / MANIFEST_NAME, self.to_json())
 
 
-def _convert(tp: Any, value: Any, where: str) -> Any:
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value, where)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _convert(inner, value, where)
-    if origin is list:
-        if not isinstance(value, list):
-            raise _bad(where, "a list", value)
-        (inner,) = typing.get_args(tp)
-        return [_convert(inner, v, f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise _bad(where, "an object", value)
-        _, inner = typing.get_args(tp)
-        return {str(k): _convert(inner, v, f"{where}.{k}") for k, v in value.items()}
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise _bad(where, "a number", value)
-        return float(value)
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise _bad(where, "an integer", value)
-        return value
-    if tp in (str, bool):
-        if not isinstance(value, tp):
-            raise _bad(where, f"a {tp.__name__}", value)
-        return value
-    raise TypeError(f"unsupported manifest field type {tp!r} at {where}")
-
-
-def _bad(where: str, what: str, value: Any) -> BundleError:
-    return BundleError(
-        f"manifest.json: field '{where}' must be {what}, not {type(value).__name__}",
-        "the bundle is corrupt or from another dymoe version; re-export it",
-    )
-
-
-def from_dict(cls: type, data: Any, where: str = "") -> Any:
-    """Build dataclass ``cls`` from ``data``, rejecting unknown and missing fields by name."""
-    if not isinstance(data, dict):
-        raise _bad(where or "(top level)", "an object", data)
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise BundleError(
-            f"manifest.json: unknown field '{_join(where, unknown[0])}'",
-            "the bundle was written by a newer or different dymoe; re-export it with this version",
-        )
-    kwargs = {}
-    for name, f in fields.items():
-        if name not in data:
-            has_default = f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
-            if has_default:
-                continue
-            raise BundleError(
-                f"manifest.json: missing field '{_join(where, name)}'",
-                "the bundle is incomplete or from an older dymoe; re-export it",
-            )
-        kwargs[name] = _convert(hints[name], data[name], _join(where, name))
-    return cls(**kwargs)
-
-
-def _join(where: str, name: str) -> str:
-    return f"{where}.{name}" if where else name
-
-
-def read_manifest(bundle: Path) -> Manifest:
-    """Read and validate ``BUNDLE/manifest.json`` (structure only; see :func:`verify_file`)."""
+def read_json(bundle: Path) -> dict:
+    """``BUNDLE/manifest.json`` parsed, any schema version (clean errors for a missing folder or file)."""
     bundle = Path(bundle)
     path = bundle / MANIFEST_NAME
     if not bundle.is_dir():
@@ -255,20 +190,26 @@ def read_manifest(bundle: Path) -> Manifest:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise BundleError(f"{path} is not valid JSON ({e})", "re-export the bundle") from None
-    version = data.get("schema_version") if isinstance(data, dict) else None
-    if type(version) is not int or version not in READABLE_SCHEMA_VERSIONS:
-        raise BundleError(
-            f"{path}: schema_version {version!r}, this dymoe reads {', '.join(map(str, READABLE_SCHEMA_VERSIONS))}",
-            "re-export the bundle with this dymoe version",
-        )
+    if not isinstance(data, dict):
+        raise BundleError(f"{path}: field '(top level)' must be an object, not {type(data).__name__}",
+                          "re-export the bundle")
+    return data
+
+
+def read_manifest(bundle: Path) -> Manifest:
+    """Read and validate ``BUNDLE/manifest.json`` (structure only; see :func:`verify_file`)."""
+    data = read_json(bundle)
+    path = Path(bundle) / MANIFEST_NAME
+    version = data.get("schema_version")
+    if type(version) is int and version in OLD_SCHEMA_VERSIONS:
+        raise BundleError(f"{path}: schema_version {version}, written by an older dymoe whose layer graphs this "
+                          f"version no longer runs", f"upgrade it in place (the experts are kept): dymoe upgrade "
+                                                     f"{bundle}")
+    if type(version) is not int or version != SCHEMA_VERSION:
+        raise BundleError(f"{path}: schema_version {version!r}, this dymoe reads {SCHEMA_VERSION}",
+                          "re-export the bundle with this dymoe version")
     manifest = from_dict(Manifest, data)
     check_manifest(manifest)
-    if version == 1:
-        for entry in manifest.experts:
-            for v in entry.variants.values():
-                if manifest.quantization.formats.get(v.precision) != "float":
-                    v.quantizer = "rtn"
-        manifest.schema_version = SCHEMA_VERSION
     return manifest
 
 
@@ -306,12 +247,16 @@ def check_manifest(m: Manifest) -> None:
         refs.append(("calibration", m.calibration))
     if len(m.backbone.layers) != m.model.num_layers:
         raise _corrupt(f"backbone.layers lists {len(m.backbone.layers)} graphs for {m.model.num_layers} layers")
-    E = m.model.num_experts
-    if len(m.experts) != m.model.num_layers * E:
-        raise _corrupt(f"experts lists {len(m.experts)} entries, expected {m.model.num_layers} x {E}")
+    moe, E = m.model.moe_layers, m.model.num_experts
+    if len(m.backbone.routers) != len(moe):
+        raise _corrupt(f"backbone.routers lists {len(m.backbone.routers)} graphs for {len(moe)} MoE layers")
+    refs += [(f"backbone.routers[{i}]", r) for i, r in enumerate(m.backbone.routers)]
+    if len(m.experts) != len(moe) * E:
+        raise _corrupt(f"experts lists {len(m.experts)} entries, expected {len(moe)} MoE layers x {E}")
     for i, entry in enumerate(m.experts):
-        if (entry.layer, entry.expert) != divmod(i, E):
-            raise _corrupt(f"experts[{i}] is layer {entry.layer} expert {entry.expert}, expected {divmod(i, E)}")
+        want = (moe[i // E], i % E)
+        if (entry.layer, entry.expert) != want:
+            raise _corrupt(f"experts[{i}] is layer {entry.layer} expert {entry.expert}, expected {want}")
         if sorted(entry.variants) != sorted(q.precisions):
             raise _corrupt(f"experts[{i}] has variants {sorted(entry.variants)}, expected {q.precisions}")
         for p, v in entry.variants.items():
@@ -331,7 +276,7 @@ def check_confined(bundle: Path, manifest: Manifest) -> None:
         resolve(bundle, rel, "manifest.json: files entry")
 
 
-def verify_file(bundle: Path, manifest: Manifest, rel: str) -> Path:
+def verify_file(bundle: Path, manifest: Listing, rel: str) -> Path:
     """Check one bundle file's size and sha256 against the manifest; return its (real) path."""
     entry = file_entry(manifest, rel)
     path = resolve_file(bundle, rel)
@@ -345,14 +290,20 @@ def verify_file(bundle: Path, manifest: Manifest, rel: str) -> Path:
     return path
 
 
-def file_entry(manifest: Manifest, rel: str) -> FileEntry:
+class Listing(Protocol):
+    """Anything that lists bundle files with their sizes and sha256 (a manifest of any schema)."""
+
+    files: dict[str, FileEntry]
+
+
+def file_entry(manifest: Listing, rel: str) -> FileEntry:
     entry = manifest.files.get(rel)
     if entry is None:
         raise BundleError(f"manifest.json lists no file {rel}", "re-export the bundle")
     return entry
 
 
-def check_bytes(bundle: Path, manifest: Manifest, rel: str, data: bytes) -> bytes:
+def check_bytes(bundle: Path, manifest: Listing, rel: str, data: bytes) -> bytes:
     """``data`` as read from ``BUNDLE/rel``, checked against the manifest's size and sha256."""
     import hashlib
 
@@ -366,7 +317,7 @@ def check_bytes(bundle: Path, manifest: Manifest, rel: str, data: bytes) -> byte
     return data
 
 
-def read_verified(bundle: Path, manifest: Manifest, rel: str) -> bytes:
+def read_verified(bundle: Path, manifest: Listing, rel: str) -> bytes:
     """Read a bundle file once, checking its size and sha256; the bytes go straight to ORT."""
     file_entry(manifest, rel)
     data = resolve_file(bundle, rel).read_bytes()

@@ -7,7 +7,7 @@ Recorded per layer l and expert e over every prefilled token:
 
 * ``tokens``: tokens that selected e; ``gate_mass``: the sum of their routing weights for e;
 * ``weights``: every routing weight e received (for the mean and percentiles);
-* ``heavy``: heavy-hitter tokens (``stats.heavy_hitters`` of the layer's ``attn_colsum``) that selected e;
+* ``heavy``: heavy-hitter tokens (``runtime.policy.heavy_hitters`` of the layer's ``attn_colsum``) that selected e;
 * ``contribution``: the sum of ||weight * expert(x)||_2 over the tokens that selected e;
 * with a recorder (``--collect-inputs``): the rows x of the prefilled tokens that selected e, the
   expert's input (``inputs.InputRecorder`` keeps a bounded sample).
@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from dymoe.runtime.experts import LayerStep
+from dymoe.runtime.experts import LayerStep, groups
+from dymoe.runtime.policy import heavy_hitters
 
 from .bank import ExpertBank
 from .inputs import InputRecorder
 from .predict import PredictionTally
-from .stats import heavy_hitters
 
 
 class LayerTally:
@@ -74,7 +74,7 @@ class CollectingExperts:
         self.cache = cache
         self.recorder = recorder
         self.window = -1  # set by the caller before each window's forward pass
-        self.layers = [LayerTally(spec.num_experts) for _ in range(spec.num_layers)]
+        self.layers = {layer: LayerTally(spec.num_experts) for layer in spec.moe_layers}
 
     def run(self, step: LayerStep) -> np.ndarray:
         tally = self.layers[step.layer]
@@ -86,9 +86,7 @@ class CollectingExperts:
             heavy[heavy_hitters(step.attn_colsum, T, self.fraction)] = True
             tally.heavy_seen += int(heavy.sum())
         out = np.zeros_like(x)
-        for e in np.unique(step.experts):  # as runtime.experts.combine: ascending experts, tokens batched
-            e = int(e)
-            tok, slot = np.nonzero(step.experts == e)
+        for e, tok, slot in groups(step):  # as the runtime combines: ascending experts, tokens batched
             w = step.weights[tok, slot]
             y = w[:, None] * self.bank.forward(step.layer, e, self.bank.reference, x[tok])
             out[tok] += y

@@ -59,15 +59,18 @@ class InputRecorder:
     """Keeps at most ``cap`` rows per (layer, expert) out of all rows offered by :meth:`add`,
     each offered row equally likely to be kept; deterministic given ``seed`` and the calls."""
 
-    def __init__(self, num_layers: int, num_experts: int, hidden: int, cap: int, seed: int) -> None:
+    def __init__(self, layers: list[int] | int, num_experts: int, hidden: int, cap: int, seed: int) -> None:
+        """``layers``: the MoE layers whose experts are recorded (an int n: layers 0..n-1)."""
         if cap < 1:
             raise ValueError(f"cap {cap} must be at least 1")
         self.hidden = hidden
         self.cap = cap
         self.seed = seed
-        self.seen = [[0] * num_experts for _ in range(num_layers)]
+        self.layers = list(range(layers)) if isinstance(layers, int) else list(layers)
+        self._slot = {layer: i for i, layer in enumerate(self.layers)}
+        self.seen = [[0] * num_experts for _ in self.layers]  # per recorded layer, in ``layers`` order
         # grown on demand: most experts of a short run never reach the cap
-        self._rows: list[list[np.ndarray | None]] = [[None] * num_experts for _ in range(num_layers)]
+        self._rows: list[list[np.ndarray | None]] = [[None] * num_experts for _ in self.layers]
         self._rngs: dict[tuple[int, int], np.random.Generator] = {}
 
     @property
@@ -76,8 +79,9 @@ class InputRecorder:
 
     def rows(self, layer: int, expert: int) -> np.ndarray:
         """The kept rows, float16 ``[kept, H]`` (a view; slot order, not arrival order, once full)."""
-        kept = min(self.seen[layer][expert], self.cap)
-        buf = self._rows[layer][expert]
+        slot = self._slot[layer]
+        kept = min(self.seen[slot][expert], self.cap)
+        buf = self._rows[slot][expert]
         return buf[:kept] if buf is not None else np.zeros((0, self.hidden), dtype=np.float16)
 
     def add(self, layer: int, expert: int, rows: np.ndarray) -> None:
@@ -87,8 +91,9 @@ class InputRecorder:
             return
         if rows.shape[1:] != (self.hidden,):
             raise ValueError(f"rows of shape {rows.shape} offered to a recorder of hidden size {self.hidden}")
-        n = self.seen[layer][expert]
-        self.seen[layer][expert] = n + T
+        slot = self._slot[layer]
+        n = self.seen[slot][expert]
+        self.seen[slot][expert] = n + T
         fill = max(0, min(T, self.cap - n))  # the first rows go to free slots, in order
         if fill:
             buf = self._reserve(layer, expert, n + fill)
@@ -102,16 +107,17 @@ class InputRecorder:
         if hit.size:
             # a slot drawn twice in this call ends with the later row, as one row at a time would
             slots, first = np.unique(j[hit][::-1], return_index=True)
-            self._rows[layer][expert][slots] = rows[fill + hit[::-1][first]]
+            self._rows[slot][expert][slots] = rows[fill + hit[::-1][first]]
 
     def _reserve(self, layer: int, expert: int, size: int) -> np.ndarray:
-        buf = self._rows[layer][expert]
+        slot = self._slot[layer]
+        buf = self._rows[slot][expert]
         have = 0 if buf is None else buf.shape[0]
         if size > have:
             grown = np.empty((min(self.cap, max(size, 2 * have, _FIRST_ROWS)), self.hidden), dtype=np.float16)
             if buf is not None:
                 grown[:have] = buf
-            self._rows[layer][expert] = buf = grown
+            self._rows[slot][expert] = buf = grown
         return buf
 
     def _rng(self, layer: int, expert: int) -> np.random.Generator:
@@ -126,10 +132,11 @@ class InputRecorder:
         Each layer's buffers are released once encoded, so the recorder is spent afterwards."""
         files: dict[str, bytes] = {}
         kept = self.kept
-        for layer, experts in enumerate(self._rows):
-            tensors = {tensor_name(e): self.rows(layer, e) for e in range(len(experts)) if kept[layer][e]}
+        for slot, layer in enumerate(self.layers):
+            experts = self._rows[slot]
+            tensors = {tensor_name(e): self.rows(layer, e) for e in range(len(experts)) if kept[slot][e]}
             files[layer_file(layer)] = encode_safetensors(tensors, DTYPE)
-            self._rows[layer] = [None] * len(experts)
+            self._rows[slot] = [None] * len(experts)
         record = ExpertInputs(cap=self.cap, seed=self.seed, dtype=DTYPE, files=list(files),
                               seen=[list(s) for s in self.seen], kept=kept)
         return files, record

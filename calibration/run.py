@@ -52,6 +52,7 @@ from dymoe.bundle.version import __version__
 from dymoe.runtime.bundle import Bundle
 from dymoe.runtime.maths import log_softmax
 from dymoe.runtime.model import MoEModel
+from dymoe.runtime.predictor import Predictor
 from dymoe.runtime.tokenizer import TextTokenizer
 
 from . import data as data_mod
@@ -60,7 +61,7 @@ from .bank import ExpertBank
 from .collect import CollectingExperts, ReferenceCache
 from .inputs import InputRecorder, available_memory, require_memory
 from .options import CalibrationOptions
-from .predict import PredictionTally, read_routers
+from .predict import PredictionTally
 from .sensitivity import PerturbedExperts, perturbations
 from .stats import coverage_count, gini, nll_of, normalized_entropy, top_share
 
@@ -129,8 +130,9 @@ def measure(bundle_path: Path, data_paths: Sequence[Path], options: CalibrationO
     if options.seq_len > spec.max_position_embeddings:
         raise InputError(f"--seq-len {options.seq_len} exceeds the model's context of {spec.max_position_embeddings}",
                          f"use --seq-len {spec.max_position_embeddings} or less")
+    moe = spec.moe_layers
     if options.collect_inputs:  # before anything slow: the bound is known from the options alone
-        require_memory(spec.num_layers, spec.num_experts, spec.hidden_size, options.inputs_per_expert,
+        require_memory(len(moe), spec.num_experts, spec.hidden_size, options.inputs_per_expert,
                        available_memory())
     eos = spec.eos_token_ids[0] if spec.eos_token_ids else None
     files, sampled = data_mod.draw(data_paths, TextTokenizer(bundle.tokenizer_path()).encode, eos, options.samples,
@@ -143,23 +145,22 @@ def measure(bundle_path: Path, data_paths: Sequence[Path], options: CalibrationO
     k = spec.top_k
     modes = list(bundle.precisions[1:]) + [SKIP] if options.sensitivity else []
     grid = sched.retention_grid([*options.retentions, options.critical_fraction], k)
-    todo = perturbations(spec.num_layers, modes, grid)
+    todo = perturbations(moe, modes, grid)
     windows = sampled.windows
     rerun = sampled.subset(options.sensitivity_samples) if todo else []
     seconds: dict[str, float] = {}
 
-    counter = Counter(progress, "calibrate: loading experts", spec.num_layers * spec.num_experts)
-    bank = ExpertBank(bundle, on_load=counter.tick)
-    routers = read_routers(bundle)
+    bank = ExpertBank(bundle, progress)
+    predictor = Predictor(bundle)
     switch = _Switch()
     model = MoEModel(bundle, switch)
     seconds["load"] = time.perf_counter() - clock["load"]
 
     t0 = time.perf_counter()
-    counter.relabel("calibrate: reference pass", total=len(windows) + len(rerun) * len(todo), done=0)
-    tally = PredictionTally(routers, recall_ks(k, spec.num_experts))
+    counter = Counter(progress, "calibrate: reference pass", len(windows) + len(rerun) * len(todo))
+    tally = PredictionTally(predictor, recall_ks(k, spec.num_experts))
     cache = ReferenceCache(set(rerun))
-    recorder = InputRecorder(spec.num_layers, spec.num_experts, spec.hidden_size, options.inputs_per_expert,
+    recorder = InputRecorder(moe, spec.num_experts, spec.hidden_size, options.inputs_per_expert,
                              options.seed) if options.collect_inputs else None
     collector = CollectingExperts(bank, options.heavy_hitter_fraction, tally, cache, recorder)
     switch.current = collector
@@ -209,7 +210,7 @@ def measure(bundle_path: Path, data_paths: Sequence[Path], options: CalibrationO
         scored = sum(len(windows[i]) - 1 for i in rerun)
         ref_nll = sum(reference[i].nll for i in rerun) / scored
         sensitivity = _sensitivity(results, ref_nll, positions, scored)
-        schedule = _schedule(sensitivity, modes, grid, spec.num_layers, k, options)
+        schedule = _schedule(sensitivity, modes, grid, spec.num_layers, moe, k, options)
     calibration = Calibration(
         schema_version=SCHEMA_VERSION, dymoe_version=__version__,
         bundle=BundleRef(bundle.manifest.source.fingerprint_sha256, spec.model_type, spec.num_layers,
@@ -222,7 +223,7 @@ def measure(bundle_path: Path, data_paths: Sequence[Path], options: CalibrationO
 
 def _importance(collector: CollectingExperts, k: int, options: CalibrationOptions) -> list[LayerImportance]:
     layers = []
-    for layer, t in enumerate(collector.layers):
+    for layer, t in collector.layers.items():
         mass = float(t.gate_mass.sum())
         experts = []
         for e in range(t.tokens.size):
@@ -252,24 +253,28 @@ def _sensitivity(results, ref_nll: float, positions: int, scored: int) -> Sensit
 
 
 def layer_losses(sensitivity: Sensitivity, mode: str, num_layers: int) -> list[dict[float, float]]:
-    """Per layer, effective retention -> measured mean KL for ``mode`` (1.0 -> 0 implied)."""
-    losses: list[dict[float, float]] = [{} for _ in range(num_layers)]
+    """Per layer, effective retention -> measured mean KL for ``mode`` (1.0 -> 0 implied; a dense
+    layer, never measured, loses nothing)."""
+    losses: list[dict[float, float]] = [{0.0: 0.0} for _ in range(num_layers)]
     for e in sensitivity.entries:
         if e.mode == mode:
             losses[e.layer][e.retention] = e.kl
     return losses
 
 
-def _schedule(sensitivity: Sensitivity, modes: list[str], grid: list[float], num_layers: int, k: int,
-              options: CalibrationOptions) -> Schedule:
+def _schedule(sensitivity: Sensitivity, modes: list[str], grid: list[float], num_layers: int, moe: list[int],
+              k: int, options: CalibrationOptions) -> Schedule:
+    """Per layer (dense layers: 1.0, nothing to lower), the recommended and the cosine retention; the
+    loss budget is shared equally by the MoE layers."""
     cosine = sched.cosine_schedule(num_layers, options.cosine_r_max, options.cosine_r_min)
     recommended, recommended_kl, cosine_kl = {}, {}, {}
     for mode in modes:
         losses = layer_losses(sensitivity, mode, num_layers)
-        recommended[mode] = sched.recommend(losses, options.target_kl)
+        r_moe = sched.recommend([losses[layer] for layer in moe], options.target_kl)
+        recommended[mode] = [r_moe[moe.index(layer)] if layer in moe else 1.0 for layer in range(num_layers)]
         recommended_kl[mode] = sched.predicted_loss(losses, recommended[mode], k)
         cosine_kl[mode] = sched.predicted_loss(losses, cosine, k)
-    return Schedule(options.target_kl, options.target_kl / num_layers, recommended, recommended_kl, cosine, cosine_kl)
+    return Schedule(options.target_kl, options.target_kl / len(moe), recommended, recommended_kl, cosine, cosine_kl)
 
 
 @contextlib.contextmanager
@@ -343,7 +348,7 @@ def calibrate(bundle_path: Path, data_paths: Sequence[Path], options: Calibratio
     with bundle_lock(bundle_path, "calibrate"):
         if options.collect_inputs:
             s = manifest.model
-            require_free_space(bundle_path, memory_bound(s.num_layers, s.num_experts, s.hidden_size,
+            require_free_space(bundle_path, memory_bound(len(s.moe_layers), s.num_experts, s.hidden_size,
                                                          options.inputs_per_expert),
                                "--collect-inputs", "free some space, or lower --inputs-per-expert")
         measured = measure(bundle_path, data_paths, options, progress)

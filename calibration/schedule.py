@@ -23,17 +23,17 @@ Definitions shared with the runtime:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping, Sequence
+
+from dymoe.runtime.policy import cosine_retention, critical_count
 
 
 def kept_per_token(r: float, k: int) -> int:
-    """Experts per token kept at high precision for retention ``r`` and top-``k`` routing."""
+    """Experts per token kept at high precision for retention ``r`` and top-``k`` routing: the
+    runtime's critical count, and 0 for calibration's harshest variant r = 0."""
     if not 0.0 <= r <= 1.0:
         raise ValueError(f"retention {r} outside [0, 1]")
-    if r == 0.0:
-        return 0
-    return max(1, min(k, math.floor(r * k + 1e-9)))
+    return 0 if r == 0.0 else critical_count(r, k)
 
 
 def effective_retention(r: float, k: int) -> float:
@@ -48,12 +48,10 @@ def retention_grid(ratios: Iterable[float], k: int) -> list[float]:
 
 
 def cosine_schedule(num_layers: int, r_max: float, r_min: float) -> list[float]:
+    """The runtime's cosine schedule (``runtime.policy.cosine_retention``) for every layer."""
     if num_layers < 1:
         raise ValueError("num_layers must be at least 1")
-    if num_layers == 1:
-        return [r_max]
-    return [r_min + (r_max - r_min) * (1.0 + math.cos(math.pi * l / (num_layers - 1))) / 2.0
-            for l in range(num_layers)]
+    return [cosine_retention(layer, num_layers, r_max, r_min) for layer in range(num_layers)]
 
 
 def _points(losses: Mapping[float, float]) -> list[tuple[float, float]]:

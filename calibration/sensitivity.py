@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from dymoe.bundle.precisions import SKIP
-from dymoe.runtime.experts import LayerStep
+from dymoe.runtime.experts import LayerStep, groups
 
 from .bank import ExpertBank
 from .collect import ReferenceCache
@@ -32,9 +32,9 @@ class Perturbation:
     retention: float  # 0: every selected expert of the layer is lowered
 
 
-def perturbations(num_layers: int, modes: Sequence[str], retentions: Sequence[float]) -> list[Perturbation]:
-    """Every (layer, mode, retention) to measure: retention 0 plus each of ``retentions``."""
-    return [Perturbation(layer, mode, r) for layer in range(num_layers) for mode in modes for r in (0.0, *retentions)]
+def perturbations(layers: Sequence[int], modes: Sequence[str], retentions: Sequence[float]) -> list[Perturbation]:
+    """Every (MoE layer, mode, retention) to measure: retention 0 plus each of ``retentions``."""
+    return [Perturbation(layer, mode, r) for layer in layers for mode in modes for r in (0.0, *retentions)]
 
 
 class PerturbedExperts:
@@ -58,9 +58,7 @@ class PerturbedExperts:
         out = np.zeros_like(x)
         target = step.layer == self.p.layer
         keep = kept_per_token(self.p.retention, self.top_k) if target else self.top_k
-        for e in np.unique(step.experts):
-            e = int(e)
-            tok, slot = np.nonzero(step.experts == e)
+        for e, tok, slot in groups(step):
             w = step.weights[tok, slot][:, None]
             critical = slot < keep  # experts are ordered by gate score, highest first
             if critical.all():

@@ -8,6 +8,7 @@ import math
 import numpy as np
 
 from dymoe.runtime.maths import log_softmax
+from dymoe.runtime.policy import top_count
 
 
 def _nonneg(values) -> np.ndarray:
@@ -46,11 +47,6 @@ def normalized_entropy(values) -> float:
     return float(min(1.0, max(0.0, -(p * np.log(p)).sum() / math.log(n))))
 
 
-def top_count(n: int, fraction: float) -> int:
-    """How many entries "the top ``fraction``" of ``n`` means: ceil(fraction * n), at least 1."""
-    return max(1, min(n, math.ceil(fraction * n - 1e-9)))
-
-
 def top_share(values, fraction: float) -> float:
     """Share of the total held by the largest ``top_count(n, fraction)`` entries (all zeros: 0)."""
     x = np.sort(_nonneg(values))[::-1]
@@ -68,14 +64,6 @@ def coverage_count(values, mass: float) -> int:
         return 0
     cum = np.cumsum(x) / total
     return int(min(x.size, np.searchsorted(cum, mass - 1e-12) + 1))
-
-
-def heavy_hitters(colsum: np.ndarray, tokens: int, fraction: float) -> np.ndarray:
-    """Indices (into the last ``tokens`` positions) of the heavy-hitter tokens: the top
-    ``top_count(tokens, fraction)`` by accumulated attention, ties to the earlier token."""
-    scores = np.asarray(colsum, dtype=np.float64)[-tokens:]
-    order = np.argsort(-scores, kind="stable")
-    return np.sort(order[:top_count(tokens, fraction)])
 
 
 def topk_experts(logits: np.ndarray, k: int) -> np.ndarray:

@@ -207,6 +207,24 @@ def requantize(
 
 @app.command()
 @friendly
+def upgrade(bundle: Annotated[Path, typer.Argument(help="Bundle folder written by an older dymoe.")]) -> None:
+    """Bring a bundle written by an older dymoe to the current format in place: the layer
+    graphs are rebuilt from the weights inside them, the experts are kept as they are. Safe to
+    interrupt (rerun to finish); a current bundle is left alone.
+
+    Example: dymoe upgrade ~/.cache/dymoe/demo/bundle-0123abcd
+    """
+    from dymoe.toolchain.upgrade import upgrade as run_upgrade
+
+    t0 = time.perf_counter()
+    with reporter(err) as progress:
+        m = run_upgrade(bundle, progress)
+    err.print(f"{bundle} is a schema {m.schema_version} bundle ({m.model.model_type}, "
+              f"{len(m.experts)} experts kept) after {time.perf_counter() - t0:.1f} s")
+
+
+@app.command()
+@friendly
 def info(bundle: Annotated[Path, typer.Argument(help="Bundle folder.")]) -> None:
     """Summarise a bundle: architecture, layers, experts, sizes and errors per precision.
 
@@ -215,14 +233,21 @@ def info(bundle: Annotated[Path, typer.Argument(help="Bundle folder.")]) -> None
     from dymoe.bundle.manifest import read_manifest
 
     m = read_manifest(bundle)
-    s = m.model
+    s, arch = m.model, m.architecture
+    dense = s.num_layers - len(s.moe_layers)
+    routing = arch.get("routing", {}) if isinstance(arch.get("routing"), dict) else {}
+    shared = arch.get("shared_intermediate_size")
     facts = Table(show_header=False, box=None)
     for k, v in [
-        ("architecture", s.model_type), ("source", m.source.model), ("layers", s.num_layers),
-        ("experts", f"{s.num_experts} per layer, top-{s.top_k}"
-         + (f", shared expert ({s.shared_intermediate_size})" if s.shared_intermediate_size else "")),
+        ("architecture", s.model_type), ("source", m.source.model),
+        ("layers", f"{s.num_layers}" + (f" ({dense} dense, {len(s.moe_layers)} MoE)" if dense else "")),
+        ("experts", f"{s.num_experts} per MoE layer, top-{s.top_k}"
+         + (f", shared expert ({shared})" if shared else "")),
+        ("routing", _describe_routing(routing)),
+        ("attention", _describe_attention(arch.get("attention"))),
         ("hidden / expert intermediate", f"{s.hidden_size} / {s.expert_intermediate_size}"),
-        ("attention", f"{s.num_heads} heads, {s.num_kv_heads} kv heads, head_dim {s.head_dim}"),
+        ("KV cache per token", f"{s.kv_bytes_per_token() / 1024:,.1f} KiB ("
+         + ", ".join(f"{c.name} {c.heads}x{c.dim}" for c in s.kv_cache) + " per layer)"),
         ("context", s.max_position_embeddings), ("vocabulary", s.vocab_size),
         ("quantization", f"{m.quantization.method}, block {m.quantization.block_size}"),
         ("source weights", _mib(m.source.source_bytes)),
@@ -246,6 +271,24 @@ def info(bundle: Annotated[Path, typer.Argument(help="Bundle folder.")]) -> None
                       f"{sum(routed) / len(routed):.4f}" if routed else "-")
     out.print(table)
     out.print(f"backbone (resident): {_mib(sum(m.files[r].bytes for r in backbone))}")
+
+
+_ROUTING_DEFAULTS = {"norm_topk_prob": False, "topk_method": "greedy", "n_group": 1, "topk_group": 1,
+                     "routed_scaling_factor": 1.0}
+
+
+def _describe_routing(r: dict) -> str:
+    extra = [f"{k} {v}" for k, v in r.items() if k in _ROUTING_DEFAULTS and v != _ROUTING_DEFAULTS[k]]
+    return ", ".join([str(r.get("kind", "-")), *extra])
+
+
+def _describe_attention(a) -> str:
+    if not isinstance(a, dict):
+        return "-"
+    if "kv_lora_rank" in a:
+        q = f", q rank {a['q_lora_rank']}" if a.get("q_lora_rank") else ""
+        return f"MLA, {a.get('num_heads')} heads, latent {a['kv_lora_rank']} + rope {a.get('qk_rope_head_dim')}{q}"
+    return f"{a.get('num_heads')} heads, {a.get('num_kv_heads')} kv heads, head_dim {a.get('head_dim')}"
 
 
 @app.command()

@@ -30,14 +30,17 @@ def demo_model_dir() -> Path:
 
 
 def _digest(folder: Path) -> str:
-    h = hashlib.sha256()
+    from dymoe.bundle.manifest import SCHEMA_VERSION
+
+    h = hashlib.sha256(f"schema {SCHEMA_VERSION}".encode())  # a new bundle format exports anew
     for name in ("config.json", "model.safetensors", "tokenizer.json"):
         h.update((folder / name).read_bytes())
     return h.hexdigest()[:16]
 
 
 def demo_bundle_dir(model: Path | None = None) -> Path:
-    """Where the demo keeps the bundle of ``model`` (default: the shipped one), by content."""
+    """Where the demo keeps the bundle of ``model`` (default: the shipped one), by content and
+    bundle format."""
     import os
 
     base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dymoe" / "demo"

@@ -81,7 +81,7 @@ def _stage_bytes(spec: ModelSpec, precisions: tuple[str, ...], block_size: int, 
     """Disk the later stages add to the bundle: the collected inputs and the new integer variants."""
     from dymoe.toolchain.export import estimated_expert_bytes
 
-    return (memory_bound(spec.num_layers, spec.num_experts, spec.hidden_size, gptq.inputs_per_expert)
+    return (memory_bound(len(spec.moe_layers), spec.num_experts, spec.hidden_size, gptq.inputs_per_expert)
             + estimated_expert_bytes(spec, tuple(p for p in precisions if p in BITS), block_size))
 
 
@@ -111,7 +111,7 @@ def _check_calibration_data(gptq: GptqOptions, calibration: CalibrationOptions, 
     from dymoe.runtime.tokenizer import TextTokenizer
 
     try:
-        require_memory(spec.num_layers, spec.num_experts, spec.hidden_size, calibration.inputs_per_expert,
+        require_memory(len(spec.moe_layers), spec.num_experts, spec.hidden_size, calibration.inputs_per_expert,
                        available_memory())
     except DymoeError as e:
         raise InputError(e.message, "lower --inputs-per-expert") from None

@@ -1,11 +1,9 @@
 """Assemble a budgeted run: policy settings, measured engine costs, budget, depth schedule,
-look-ahead routers, calibration priors, storage and loader -> an Orchestrator."""
+look-ahead predictor, calibration priors, storage and loader -> an Orchestrator."""
 
 from __future__ import annotations
 
 from pathlib import Path
-
-import numpy as np
 
 from .budget import parse_budget
 from .bundle import Bundle
@@ -14,20 +12,8 @@ from .engine_cache import EngineCache
 from .loader import Loader
 from .orchestrator import Orchestrator, check_budget
 from .policy_config import PolicyConfig, PolicyRun, resolve, retention_schedule
+from .predictor import Predictor
 from .storage import Storage, load_profile
-
-
-def router_weights(bundle: Bundle) -> list[np.ndarray]:
-    """Each layer's router ``[H, E]``, read from its (checksum-verified) layer graph."""
-    import onnx
-    from onnx import numpy_helper
-
-    routers = []
-    for rel in bundle.manifest.backbone.layers:
-        model = onnx.load_from_string(bundle.read(rel))
-        (init,) = [t for t in model.graph.initializer if t.name == "router"]
-        routers.append(numpy_helper.to_array(init).astype(np.float32))
-    return routers
 
 
 def plan(bundle: Bundle, run: PolicyRun) -> tuple[PolicyConfig, dict[str, int], int]:
@@ -35,7 +21,7 @@ def plan(bundle: Bundle, run: PolicyRun) -> tuple[PolicyConfig, dict[str, int], 
     cfg = resolve(run.policy, bundle.precisions, run.policy_config, run.full_precision, **run.overrides)
     costs = resident_costs(bundle.path)
     spec = bundle.spec
-    all_top = costs[run.full_precision or bundle.precisions[0]] * spec.num_layers * spec.num_experts
+    all_top = costs[run.full_precision or bundle.precisions[0]] * len(spec.moe_layers) * spec.num_experts
     budget = parse_budget(run.budget, all_top)
     check_budget(cfg, costs, budget, spec.top_k)
     return cfg, costs, budget
@@ -60,7 +46,7 @@ def build_orchestrator(bundle: Bundle, run: PolicyRun) -> Orchestrator:
     loader = Loader(bundle, storage, workers=cfg.loader_workers, engine_cache=engines)
     try:
         return Orchestrator(bundle, cfg, loader, costs, budget, retention,
-                            routers=router_weights(bundle) if cfg.prefetch else None,
+                            predictor=Predictor(bundle) if cfg.prefetch else None,
                             priors=priors if (cfg.eviction == "priority" or cfg.pin_fraction) else None,
                             on_note=run.on_note)
     except BaseException:

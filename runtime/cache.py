@@ -4,14 +4,14 @@ The paper's rules: at most one copy of an expert is resident; a resident higher 
 serves a request for a lower one (a hit); a resident lower copy with a higher request is a
 miss that loads the higher copy and replaces the lower one (promotion). Eviction extends LRU.
 
-The bookkeeping is plain data and the decisions (:func:`classify`, :func:`choose_victims`) are
-pure; the orchestrator performs the loads and calls back here.
+The decisions (:func:`classify`, :func:`eviction_order`, :func:`choose_victims`) are pure and
+tested as tables; ``resident.ResidentSet`` keeps the books they decide on.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from dymoe.bundle.precisions import RANK
 
@@ -67,39 +67,3 @@ def choose_victims(entries: Mapping[Key, Entry], need: int, budget: int, policy:
         victims.append(key)
         used -= entries[key].cost
     return victims if used + need <= budget else None
-
-
-@dataclass
-class CacheState:
-    """The resident set and its accounting; single-threaded (the orchestrator owns it).
-
-    ``reserved`` holds the bytes of loads in flight: they count against the budget from the
-    moment a load starts, since the loader allocates them then."""
-
-    budget: int
-    policy: str = "lru"
-    priors: dict[Key, float] = field(default_factory=dict)
-    pinned: set[Key] = field(default_factory=set)
-    decay: float = 0.9  # per-token decay of use counts
-    entries: dict[Key, Entry] = field(default_factory=dict)
-    reserved: dict[Key, int] = field(default_factory=dict)
-    clock: int = 0
-
-    @property
-    def used(self) -> int:
-        return sum(e.cost for e in self.entries.values()) + sum(self.reserved.values())
-
-    def tick(self) -> None:
-        """One generated token: age every use count."""
-        self.clock += 1
-        for e in self.entries.values():
-            e.uses *= self.decay
-
-    def touch(self, key: Key) -> None:
-        e = self.entries[key]
-        e.last_used = self.clock
-        e.uses += 1.0
-
-    def make_room(self, need: int, protect: Iterable[Key]) -> list[Key] | None:
-        budget = self.budget - sum(self.reserved.values())
-        return choose_victims(self.entries, need, budget, self.policy, set(protect) | self.pinned, self.priors)

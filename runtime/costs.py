@@ -31,13 +31,14 @@ def measure_here(bundle_path: Path, samples: int = SAMPLES) -> dict[str, int]:
 
     bundle = Bundle(bundle_path)
     spec = bundle.spec
-    n = spec.num_layers * spec.num_experts
-    keys = [(i // spec.num_experts, i % spec.num_experts) for i in range(1, min(samples, n - 1) + 1)]
-    sizes = {p: bundle.manifest.files[bundle.expert_rel(0, 0, p)].bytes for p in bundle.precisions}
+    every = [(layer, e) for layer in spec.moe_layers for e in range(spec.num_experts)]
+    keys = every[1:min(samples, len(every) - 1) + 1]  # the first one warms up each precision below
+    first = every[0]
+    sizes = {p: bundle.manifest.files[bundle.expert_rel(*first, p)].bytes for p in bundle.precisions}
     keep, costs = [], {}
     x = np.zeros((1, spec.hidden_size), np.float32)
     for p in bundle.precisions:  # one-time kernel and arena set-up must not count as expert cost
-        s = create_session(bundle.read(bundle.expert_rel(0, 0, p)), 1, p)
+        s = create_session(bundle.read(bundle.expert_rel(*first, p)), 1, p)
         s.run(None, {"x": x})
         keep.append(s)
     for p in sorted(bundle.precisions, key=sizes.get):
@@ -76,7 +77,8 @@ def resident_costs(bundle_path: Path) -> dict[str, int]:
         from dymoe.bundle.manifest import read_manifest
 
         m = read_manifest(bundle_path)
-        return {p: m.files[m.expert(0, 0).variants[p].path].bytes for p in m.quantization.precisions}
+        first = m.experts[0]
+        return {p: m.files[first.variants[p].path].bytes for p in m.quantization.precisions}
     costs = json.loads(proc.stdout)
     atomic_write_text(cache, json.dumps(costs))
     return costs

@@ -24,12 +24,10 @@ class LayerStep:
 
     layer: int
     phase: str  # "prefill" or "decode"
-    router_input: np.ndarray  # [T, H] normalised hidden state the experts consume
-    router_logits: np.ndarray  # [T, E]
-    experts: np.ndarray  # [T, k] selected expert ids, highest weight first
-    weights: np.ndarray  # [T, k] routing weights
+    router_input: np.ndarray  # [T, H] normalised hidden state the router and the experts consume
+    experts: np.ndarray  # [T, k] selected expert ids, highest weight first (the layer graph's decision)
+    weights: np.ndarray  # [T, k] their routing weights
     attn_colsum: np.ndarray  # [S] attention mass each key token received in this layer
-    hidden_in: np.ndarray  # [T, H] residual stream entering the layer
     attn_input: np.ndarray  # [T, H] the layer's input RMSNorm (before attention)
 
 
@@ -41,16 +39,68 @@ class ExpertExecutor(Protocol):
     def close(self) -> None: ...
 
 
-def combine(step: LayerStep, expert_forward) -> np.ndarray:
-    """Sum ``weight * expert(x)`` over each token's selected experts, one expert call per
-    distinct expert (its tokens batched), in ascending expert order like transformers."""
-    x = step.router_input
-    out = np.zeros_like(x)
+def groups(step: LayerStep):
+    """Each distinct selected expert ``e`` of a step, ascending like transformers, with the tokens
+    routed to it and the slot (rank) it holds for each: ``(e, tok [n], slot [n])``."""
     for e in np.unique(step.experts):
         tok, slot = np.nonzero(step.experts == e)
-        y = expert_forward(int(e), x[tok])
-        out[tok] += step.weights[tok, slot][:, None] * y
+        yield int(e), tok, slot
+
+
+def combine(step: LayerStep, expert_forward, weights: np.ndarray | None = None) -> np.ndarray:
+    """Sum ``weight * expert(x)`` over each token's selected experts, one call per distinct expert
+    (its tokens batched); ``expert_forward(e, x)`` may return None for an expert that is skipped.
+    ``weights`` overrides the step's routing weights (renormalised after skips)."""
+    x = step.router_input
+    w = step.weights if weights is None else weights
+    out = np.zeros_like(x)
+    for e, tok, slot in groups(step):
+        y = expert_forward(e, x[tok])
+        if y is not None:
+            out[tok] += w[tok, slot][:, None] * y
     return out
+
+
+class ExpertSessions:
+    """Expert engine sessions built from checksum-verified bundle bytes (one intra-op thread each:
+    many sessions must not fight over a small device's cores), keyed (layer, expert, precision),
+    loaded when first asked for. The all-resident runtime and calibration keep theirs here; the
+    budgeted runtime's are in ``resident.ResidentSet``."""
+
+    def __init__(self, bundle: Bundle, session_config: dict[str, str] | None = None) -> None:
+        self.bundle = bundle
+        self.session_config = session_config
+        self.file_bytes = 0
+        self._sessions: dict[tuple[int, int, str], object] = {}
+
+    def get(self, layer: int, expert: int, precision: str):
+        key = (layer, expert, precision)
+        sess = self._sessions.get(key)
+        if sess is None:
+            rel = self.bundle.expert_rel(layer, expert, precision)
+            data = self.bundle.read(rel)
+            self.file_bytes += len(data)
+            sess = self._sessions[key] = create_session(data, 1, str(self.bundle.path / rel), self.session_config)
+        return sess
+
+    def load_all(self, precision: str, progress: ProgressFn | None = None) -> None:
+        spec = self.bundle.spec
+        counter = Counter(progress, f"loading {precision} experts", len(spec.moe_layers) * spec.num_experts)
+        for layer in spec.moe_layers:
+            for e in range(spec.num_experts):
+                self.get(layer, e, precision)
+                counter.tick()
+
+    def forward(self, layer: int, expert: int, precision: str, x: np.ndarray) -> np.ndarray:
+        return self.get(layer, expert, precision).run([io.EXPERT_OUT], {io.EXPERT_IN: x})[0]
+
+    def drop(self, layer: int, precision: str) -> None:
+        """Forget ``layer``'s sessions at ``precision``."""
+        for key in [k for k in self._sessions if k[0] == layer and k[2] == precision]:
+            del self._sessions[key]
+
+    def close(self) -> None:
+        self._sessions.clear()
 
 
 class StaticExperts:
@@ -59,23 +109,15 @@ class StaticExperts:
     def __init__(self, bundle: Bundle, precision: str, progress: ProgressFn | None = None,
                  session_config: dict[str, str] | None = None) -> None:
         self.precision = bundle.check_precision(precision)
-        spec = bundle.spec
-        self.sessions: dict[tuple[int, int], object] = {}
-        self.resident_file_bytes = 0
-        counter = Counter(progress, f"loading {precision} experts", spec.num_layers * spec.num_experts)
-        for layer in range(spec.num_layers):
-            for e in range(spec.num_experts):
-                rel = bundle.expert_rel(layer, e, precision)
-                data = bundle.read(rel)
-                self.resident_file_bytes += len(data)
-                self.sessions[(layer, e)] = create_session(data, 1, str(bundle.path / rel), session_config)
-                counter.tick()
+        self.sessions = ExpertSessions(bundle, session_config)
+        self.sessions.load_all(precision, progress)
+
+    @property
+    def resident_file_bytes(self) -> int:
+        return self.sessions.file_bytes
 
     def run(self, step: LayerStep) -> np.ndarray:
-        def forward(e: int, x: np.ndarray) -> np.ndarray:
-            return self.sessions[(step.layer, e)].run([io.EXPERT_OUT], {io.EXPERT_IN: x})[0]
-
-        return combine(step, forward)
+        return combine(step, lambda e, x: self.sessions.forward(step.layer, e, self.precision, x))
 
     def close(self) -> None:
-        self.sessions.clear()
+        self.sessions.close()

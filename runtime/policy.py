@@ -55,6 +55,13 @@ def cosine_retention(layer: int, num_layers: int, r_max: float, r_min: float) ->
     return r_min + (r_max - r_min) * (1.0 + math.cos(math.pi * layer / (num_layers - 1))) / 2.0
 
 
+def critical_count(retention: float, count: int) -> int:
+    """How many of ``count`` selected experts are critical at retention ``r`` > 0:
+    ``max(1, floor(r * count))``, never rounded up, never zero (calibration adds r = 0, "lower all",
+    as its own harshest variant)."""
+    return max(1, min(count, math.floor(retention * count + 1e-9)))
+
+
 def tier_of(rank: int, count: int, retention: float, tiers: int) -> int:
     """Which ladder step the expert ranked ``rank`` (0 = most important) of ``count`` gets.
 
@@ -66,7 +73,7 @@ def tier_of(rank: int, count: int, retention: float, tiers: int) -> int:
     """
     if tiers <= 1:
         return 0
-    critical = max(1, math.floor(retention * count + 1e-9))
+    critical = critical_count(retention, count)
     if rank < critical:
         return 0
     rest = count - critical
@@ -83,21 +90,48 @@ def choose_precisions(importance: Sequence[float], retention: float, ladder: Seq
     return out
 
 
-def heavy_hitter_counts(colsum: np.ndarray, experts: np.ndarray, fraction: float) -> dict[int, int]:
-    """Prefill importance: how many heavy-hitter tokens each expert receives. Heavy hitters are
-    the top ``fraction`` of the prompt's tokens by accumulated attention (at least one).
+def top_count(n: int, fraction: float) -> int:
+    """How many entries "the top ``fraction``" of ``n`` means: ceil(fraction * n), at least 1."""
+    return max(1, min(n, math.ceil(fraction * n - 1e-9)))
 
-    ``colsum [S]`` holds each key token's attention mass; ``experts [T, k]`` the routing of the
-    T newest tokens (the last T of S).
-    """
-    t = experts.shape[0]
-    scores = colsum[-t:]
-    n = max(1, math.ceil(fraction * t))
-    heavy = np.argsort(-scores, kind="stable")[:n]
+
+def heavy_hitters(colsum: np.ndarray, tokens: int, fraction: float) -> np.ndarray:
+    """Indices (into the last ``tokens`` positions) of the heavy-hitter tokens: the top
+    ``top_count(tokens, fraction)`` by accumulated attention, ties to the earlier token.
+    ``colsum [S]`` holds each key token's attention mass (the layer graph's ``attn_colsum``)."""
+    scores = np.asarray(colsum, dtype=np.float64)[-tokens:]
+    order = np.argsort(-scores, kind="stable")
+    return np.sort(order[:top_count(tokens, fraction)])
+
+
+def heavy_hitter_counts(colsum: np.ndarray, experts: np.ndarray, fraction: float) -> dict[int, int]:
+    """Prefill importance: how many heavy-hitter tokens each expert receives; ``experts [T, k]``
+    is the routing of the T newest tokens (the last T of S)."""
     counts: dict[int, int] = {}
-    for e in experts[heavy].ravel():
+    for e in experts[heavy_hitters(colsum, experts.shape[0], fraction)].ravel():
         counts[int(e)] = counts.get(int(e), 0) + 1
     return counts
+
+
+def step_importance(phase: str, experts: np.ndarray, weights: np.ndarray, colsum: np.ndarray,
+                    heavy_fraction: float) -> dict[int, float]:
+    """Importance of each distinct selected expert of a step: in decode its gate score (one
+    token); in prefill the number of heavy-hitter tokens routed to it, the gate mass breaking ties."""
+    selected = [int(e) for e in np.unique(experts)]
+    mass = {e: float(weights[experts == e].sum()) for e in selected}
+    if phase == "decode":
+        return mass
+    hh = heavy_hitter_counts(colsum, experts, heavy_fraction)
+    total = sum(mass.values())
+    return {e: hh.get(e, 0) + mass[e] / (1.0 + total) for e in selected}
+
+
+def plan_precisions(importance: dict[int, float], retention: float, ladder: Sequence[str]) -> dict[int, str]:
+    """The precision each selected expert of a step runs at (the ladder's lowest step may be skip)."""
+    experts = sorted(importance)
+    if len(ladder) == 1:
+        return {e: ladder[0] for e in experts}
+    return dict(zip(experts, choose_precisions([importance[e] for e in experts], retention, ladder), strict=True))
 
 
 def renormalise(weights: np.ndarray, kept: np.ndarray) -> np.ndarray:
@@ -108,13 +142,24 @@ def renormalise(weights: np.ndarray, kept: np.ndarray) -> np.ndarray:
     return np.where(s > 0, kept_w * total / np.where(s > 0, s, 1.0), 0.0).astype(weights.dtype)
 
 
-def predicted_experts(router_logits: np.ndarray, m: int) -> list[int]:
-    """Prefetch targets: the union over tokens of each token's top-``m`` predicted experts, in
-    order of first appearance by descending probability mass over all tokens."""
-    z = router_logits - router_logits.max(axis=-1, keepdims=True)
-    p = np.exp(z)
-    p /= p.sum(axis=-1, keepdims=True)
-    top = np.argsort(-p, axis=-1, kind="stable")[:, :m]
-    chosen = set(int(e) for e in top.ravel())
-    mass = p.sum(axis=0)
+def predicted_experts(scores: np.ndarray, m: int) -> list[int]:
+    """Prefetch targets from a predictor's ``scores [T, E]`` (higher: likelier): the union over
+    tokens of each token's top-``m`` experts, most total score first (masked experts, -inf, never
+    count), ties to the lower index."""
+    top = np.argsort(-scores, axis=-1, kind="stable")[:, :m]
+    chosen = {int(e) for e in top.ravel() if np.isfinite(scores[:, e]).any()}
+    mass = np.where(np.isfinite(scores), scores, 0.0).sum(axis=0)
     return sorted(chosen, key=lambda e: (-mass[e], e))
+
+
+def plan_prefetch(scores: np.ndarray, m: int, retention: float, ladder: Sequence[str]) -> dict[int, str]:
+    """What to load ahead for a later layer: its likeliest ``m`` experts (per token, from the
+    predictor's scores), each at the precision the policy will want (importance: the newest
+    token's score); skipped experts need no load."""
+    experts = predicted_experts(scores, m)
+    if len(scores) > 1:  # a prompt touches most experts: fetch only the likeliest
+        experts = experts[:m]
+    last = scores[-1]
+    importance = [float(last[e]) if np.isfinite(last[e]) else -1e30 for e in experts]
+    plan = dict(zip(experts, choose_precisions(importance, retention, ladder), strict=True))
+    return {e: p for e, p in plan.items() if p != SKIP}

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from concurrent.futures import Future
+
 import pytest
 
-from dymoe.runtime.cache import HIT, MISS, PROMOTE, CacheState, Entry, choose_victims, classify, eviction_order
+from dymoe.runtime.cache import HIT, MISS, PROMOTE, Entry, choose_victims, classify, eviction_order
+from dymoe.runtime.resident import Loading, ResidentSet
 
 
 @pytest.mark.parametrize("resident, requested, want", [
@@ -44,22 +47,38 @@ def test_priority_eviction_keeps_frequent_and_calibrated_hot_experts():
     assert order == [(0, 0), (0, 1), (1, 0)]
 
 
-def test_cache_state_counts_reservations_and_pins():
-    c = CacheState(budget=30, policy="lru")
-    c.entries = entries(k0_0=(1, 0.0), k0_1=(2, 0.0))
-    c.reserved[(2, 0)] = 10
+def resident(budget: int, **spec) -> ResidentSet:
+    c = ResidentSet(budget=budget, eviction="lru")
+    for key, e in entries(**spec).items():
+        c.add(key, e.precision, e.cost, session=object()).last_used = e.last_used
+    return c
+
+
+def test_resident_set_counts_loads_in_flight_and_pins():
+    c = resident(30, k0_0=(1, 0.0), k0_1=(2, 0.0))
+    c.start((2, 0), Loading("int4", 10, Future(), prefetch=True))
     assert c.used == 30
-    assert c.make_room(10, protect=[]) == [(0, 0)]
-    c.pinned.add((0, 0))
-    assert c.make_room(10, protect=[]) == [(0, 1)]
-    assert c.make_room(10, protect=[(0, 1)]) is None
+    assert c.victims(10, protect=[]) == [(0, 0)]
+    c.get((0, 0)).pinned = True
+    assert c.victims(10, protect=[]) == [(0, 1)]
+    assert c.victims(10, protect=[(0, 1)]) is None
+    c.finish((2, 0))
+    assert c.used == 20 and c.victims(10, protect=[]) == []
+
+
+def test_one_copy_per_expert_and_history_survives_a_promotion():
+    c = resident(100, k0_0=(0, 0.0))
+    c.touch((0, 0))
+    c.add((0, 0), "int8", 20, session="higher")  # the promoted copy replaces the lower one
+    assert list(c.resident) == [(0, 0)] and c.used == 20
+    assert c.get((0, 0)).session == "higher" and c.get((0, 0)).uses == 1.0
 
 
 def test_tick_decays_use_counts():
-    c = CacheState(budget=100, decay=0.5)
-    c.entries = entries(k0_0=(0, 0.0))
+    c = ResidentSet(budget=100, decay=0.5)
+    c.add((0, 0), "int4", 10, session=None)
     c.touch((0, 0))
     c.tick()
     c.touch((0, 0))
-    assert c.entries[(0, 0)].uses == pytest.approx(1.5)
-    assert c.entries[(0, 0)].last_used == 1
+    assert c.get((0, 0)).uses == pytest.approx(1.5)
+    assert c.get((0, 0)).last_used == 1

@@ -281,6 +281,7 @@ def test_reference_cache_is_exact(fragile, random_text, monkeypatch):
     from dymoe.calibration.run import Reference
     from dymoe.calibration.sensitivity import Perturbation
     from dymoe.runtime.bundle import Bundle
+    from dymoe.runtime.maths import log_softmax
     from dymoe.runtime.model import MoEModel
 
     opts = CalibrationOptions(samples=3, sensitivity_samples=2, seq_len=32)
@@ -295,7 +296,9 @@ def test_reference_cache_is_exact(fragile, random_text, monkeypatch):
     bundle = Bundle(fragile)
     bank = ExpertBank(bundle)
     ids = np.random.default_rng(1).integers(0, 64, 32)
-    ref_exec = CollectingExperts(bank, 0.1, PredictionTally([], [2]), ReferenceCache(set()))
+    from dymoe.runtime.predictor import Predictor
+
+    ref_exec = CollectingExperts(bank, 0.1, PredictionTally(Predictor(bundle), [2]), ReferenceCache(set()))
     ref_logits = MoEModel(bundle, ref_exec).forward(ids, MoEModel(bundle, ref_exec).new_cache(), all_logits=True)
     same = PerturbedExperts(bank, Perturbation(1, "skip", 1.0))
     logits = MoEModel(bundle, same).forward(ids, MoEModel(bundle, same).new_cache(), all_logits=True)
@@ -305,7 +308,7 @@ def test_reference_cache_is_exact(fragile, random_text, monkeypatch):
     lowered = PerturbedExperts(bank, Perturbation(1, "int2", 0.0))
     low = MoEModel(bundle, lowered).forward(ids, MoEModel(bundle, lowered).new_cache(), all_logits=True)
     kl, nll = Reference.of(ref_logits, ids).compare(low, ids)
-    assert kl == pytest.approx(float(stats.kl_rows(stats.log_softmax(ref_logits), low).sum()), rel=1e-9)
+    assert kl == pytest.approx(float(stats.kl_rows(log_softmax(ref_logits), low).sum()), rel=1e-9)
     assert nll == pytest.approx(float(stats.nll_rows(low, ids).sum()), rel=1e-12)
 
 

@@ -74,9 +74,10 @@ def test_config_is_exportable_shape(config):
 def test_exporter_accepts_config(config):
     from dymoe.toolchain.archs import qwen3_moe
 
-    spec = qwen3_moe.spec_from_config(config)
-    assert spec.num_experts == 16 and spec.top_k == 2 and spec.qk_norm == "head"
-    assert spec.eos_token_ids == [0] and spec.tie_word_embeddings
+    settings = qwen3_moe.read_config(config)
+    spec = qwen3_moe.model_spec(settings)
+    assert spec.num_experts == 16 and spec.top_k == 2 and settings.attention.qk_norm == "head"
+    assert spec.eos_token_ids == [0] and settings.decoder.tie_word_embeddings
 
 
 def test_tokenizer_matches_config(config):

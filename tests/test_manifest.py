@@ -17,6 +17,7 @@ from dymoe.bundle.manifest import (
     MANIFEST_NAME,
     SCHEMA_VERSION,
     Backbone,
+    CacheTensor,
     ExpertEntry,
     ExpertVariant,
     FileEntry,
@@ -34,6 +35,8 @@ FILES = {
     "backbone/layer0.onnx": b"layer zero",
     "backbone/layer1.onnx": b"layer one",
     "backbone/head.onnx": b"head",
+    "backbone/router_000.onnx": b"router zero",
+    "backbone/router_001.onnx": b"router one",
     "tokenizer.json": b"{}",
     **{f"experts/l{layer}e{e}.{p}.onnx": f"expert {layer} {e} {p}".encode() for layer in range(2) for e in range(2)
        for p in ("fp16", "int4")},
@@ -43,11 +46,10 @@ FILES = {
 
 def make_manifest(files: dict[str, bytes] | None = None) -> Manifest:
     spec = ModelSpec(
-        model_type="qwen3_moe", hidden_size=64, vocab_size=320, num_layers=2, num_heads=4, num_kv_heads=2,
-        head_dim=32, num_experts=2, top_k=1, expert_intermediate_size=96, shared_intermediate_size=0,
-        shared_expert_gate=False, norm_topk_prob=True, rms_norm_eps=1e-6, rope_theta=10000.0,
-        max_position_embeddings=128, sliding_window=4096, qk_norm="head", clip_qkv=None, attention_bias=False,
-        tie_word_embeddings=False, bos_token_id=None, eos_token_ids=[1, 2],
+        model_type="qwen3_moe", hidden_size=64, vocab_size=320, num_layers=2, num_experts=2, top_k=1,
+        expert_intermediate_size=96, moe_layers=[0, 1],
+        kv_cache=[CacheTensor("key", 2, 32), CacheTensor("value", 2, 32)],
+        max_position_embeddings=128, bos_token_id=None, eos_token_ids=[1, 2],
     )
     experts = [
         ExpertEntry(layer, e, {
@@ -68,8 +70,9 @@ def make_manifest(files: dict[str, bytes] | None = None) -> Manifest:
         tools={"onnx": "1.17", "numpy": "2.0"},
         tokenizer=["tokenizer.json"],
         backbone=Backbone(embed="backbone/embed.onnx", layers=["backbone/layer0.onnx", "backbone/layer1.onnx"],
-                          head="backbone/head.onnx"),
+                          head="backbone/head.onnx", routers=["backbone/router_000.onnx", "backbone/router_001.onnx"]),
         experts=experts,
+        architecture={"attention": {"num_heads": 4, "head_dim": 32, "rope": {"rope_type": "default"}}, "note": None},
         files={rel: FileEntry(len(b), hashlib.sha256(b).hexdigest()) for rel, b in files.items()},
     )
 
@@ -120,7 +123,7 @@ BAD_EDITS = [
     (("files", "backbone/embed.onnx", "md5"), "x", "files.backbone/embed.onnx.md5"),
     # missing fields
     (("model", "top_k"), DELETE, "model.top_k"),
-    (("model", "sliding_window"), DELETE, "model.sliding_window"),  # optional value, required key
+    (("model", "bos_token_id"), DELETE, "model.bos_token_id"),  # optional value, required key
     (("backbone",), DELETE, "backbone"),
     (("backbone", "head"), DELETE, "backbone.head"),
     (("experts", 1, "variants", "fp16", "path"), DELETE, "experts[1].variants.fp16.path"),
@@ -132,11 +135,12 @@ BAD_EDITS = [
     (("model", "hidden_size"), "64", "model.hidden_size"),
     (("model", "hidden_size"), True, "model.hidden_size"),
     (("model", "hidden_size"), 64.0, "model.hidden_size"),
-    (("model", "rope_theta"), "1e4", "model.rope_theta"),
-    (("model", "rope_theta"), False, "model.rope_theta"),
-    (("model", "shared_expert_gate"), 1, "model.shared_expert_gate"),
-    (("model", "sliding_window"), "4096", "model.sliding_window"),
-    (("model", "clip_qkv"), [], "model.clip_qkv"),
+    (("model", "top_k"), 1.5, "model.top_k"),
+    (("model", "moe_layers"), [0, "1"], "model.moe_layers[1]"),
+    (("model", "kv_cache", 0, "heads"), "2", "model.kv_cache[0].heads"),
+    (("model", "bos_token_id"), "1", "model.bos_token_id"),
+    (("backbone", "routers"), "backbone/router_000.onnx", "backbone.routers"),
+    (("architecture",), [], "architecture"),
     (("model", "model_type"), None, "model.model_type"),
     (("model", "eos_token_ids"), [1, "2"], "model.eos_token_ids[1]"),
     (("model", "eos_token_ids"), 5, "model.eos_token_ids"),
@@ -176,9 +180,8 @@ def test_strict_reader_names_the_field(path, value, field, tmp_path):
 
 # Edits the reader accepts, with what it must make of them.
 GOOD_EDITS = [
-    (("model", "rope_theta"), 10000, lambda m: type(m.model.rope_theta) is float and m.model.rope_theta == 1e4),
-    (("model", "sliding_window"), None, lambda m: m.model.sliding_window is None),
-    (("model", "clip_qkv"), 30, lambda m: m.model.clip_qkv == 30.0 and type(m.model.clip_qkv) is float),
+    (("architecture", "attention", "num_heads"), 8, lambda m: m.architecture["attention"]["num_heads"] == 8),
+    (("architecture", "extra"), {"a": [1, 2.5, None]}, lambda m: m.architecture["extra"] == {"a": [1, 2.5, None]}),
     (("model", "bos_token_id"), 7, lambda m: m.model.bos_token_id == 7),
     (("quantization", "formats", "int4"), "qdq", lambda m: m.quantization.formats["int4"] == "qdq"),
 ]
@@ -203,8 +206,11 @@ BAD_CONTENT = [
     (("source", "fingerprint_sha256"), "xyz", "not a sha256"),
     (("model", "top_k"), 3, "more than the 2 experts"),
     (("model", "top_k"), 0, "top_k is 0"),
-    (("model", "num_kv_heads"), 3, "does not divide"),
-    (("model", "rms_norm_eps"), -1.0, "rms_norm_eps"),
+    (("model", "moe_layers"), [1, 0], "moe_layers"),
+    (("model", "moe_layers"), [0, 2], "moe_layers"),
+    (("model", "kv_cache"), [], "kv_cache"),
+    (("model", "kv_cache", 1, "name"), "key", "kv_cache"),
+    (("backbone", "routers"), ["backbone/router_000.onnx"], "backbone.routers lists 1"),
     (("quantization", "precisions"), ["fp16", "int3"], "quantization.precisions"),
     (("quantization", "formats", "int4"), "exe", "quantization.formats"),
     (("experts", 1, "expert"), 0, "experts[1] is layer 0 expert 0"),
@@ -357,24 +363,14 @@ def test_manifest_is_plain_dataclasses():
     assert json.loads(m.to_json())["schema_version"] == SCHEMA_VERSION
 
 
-def test_schema_1_manifest_reads_as_round_to_nearest(tmp_path):
-    """Bundles written before variants recorded their quantizer were all round-to-nearest: read them
-    as such (and as the current schema); the reader stays strict about unknown fields."""
+@pytest.mark.parametrize("version", [1, 2])
+def test_older_schemas_point_to_the_upgrade(tmp_path, version):
+    """Schema 1 and 2 bundles have layer graphs this runtime no longer runs (the runtime routed):
+    the reader says how to upgrade them in place."""
     write_bundle(tmp_path)
     data = json.loads((tmp_path / MANIFEST_NAME).read_text())
-    data["schema_version"] = 1
-    for entry in data["experts"]:
-        for v in entry["variants"].values():
-            for new in ("quantizer", "quantizer_note", "calibration_tokens", "routed_output_rel_error"):
-                del v[new]
-    del data["quantization"]["revision"]
+    data["schema_version"] = version
     (tmp_path / MANIFEST_NAME).write_text(json.dumps(data))
-    m = read_manifest(tmp_path)
-    assert m.schema_version == SCHEMA_VERSION == 2
-    assert {e.variants["int4"].quantizer for e in m.experts} == {"rtn"}
-    assert {e.variants["fp16"].quantizer for e in m.experts} == {None}
-    assert m.quantization.revision is None
-    data["experts"][0]["variants"]["int4"]["surprise"] = 1
-    (tmp_path / MANIFEST_NAME).write_text(json.dumps(data))
-    with pytest.raises(BundleError, match="unknown field 'experts\\[0\\].variants.int4.surprise'"):
+    with pytest.raises(BundleError, match=f"schema_version {version}") as e:
         read_manifest(tmp_path)
+    assert f"dymoe upgrade {tmp_path}" in e.value.hint

@@ -23,7 +23,7 @@ from dymoe.bundle.errors import CheckpointError
 from dymoe.bundle.safetensors_io import write_safetensors
 from dymoe.toolchain.archs import ARCHITECTURES, get_architecture
 from dymoe.toolchain.checkpoint import Checkpoint
-from dymoe.toolchain.layout import check_coverage, expected_shapes
+from dymoe.toolchain.layout import check_coverage
 
 # --------------------------------------------------------------------------------------------
 # The hand-written expectation: Hugging Face names and which canonical tensor each one gives.
@@ -157,12 +157,14 @@ def write_checkpoint(folder: Path, cfg: dict, tensors: dict[str, np.ndarray], dt
 
 
 def map_and_check(ckpt: Checkpoint):
+    """The architecture's settings and mapping, checked exactly as the export checks them."""
     arch = get_architecture(ckpt.model_type)
-    spec = arch.spec_from_config(ckpt.config)
+    settings = arch.read_config(ckpt.config)
+    arch.model_spec(settings)
     names = set(ckpt.names())
-    mapping = arch.tensor_map(spec, names)
-    check_coverage(mapping, spec, {n: ckpt.info(n).shape for n in names})
-    return spec, mapping
+    mapping = arch.tensor_map(settings, names)
+    check_coverage(mapping, arch.shapes(settings), {n: ckpt.info(n).shape for n in names}, ckpt.model_type)
+    return settings, mapping
 
 
 def assert_split_exact(ckpt, mapping, canon, tensors, dtype="F32"):
@@ -222,7 +224,8 @@ def test_names_match_transformers(arch, tmp_path):
 
 
 def test_every_architecture_is_covered():
-    assert set(ARCHITECTURES) == set(ARCHS)
+    # DeepSeek's two are covered in test_deepseek.py
+    assert set(ARCHITECTURES) == set(ARCHS) | {"deepseek_v2", "deepseek_v3"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -239,13 +242,18 @@ SPEC_FACTS = {
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_spec_from_config(arch):
-    spec = get_architecture(arch).spec_from_config(config_dict(arch))
-    got = (spec.num_experts, spec.expert_intermediate_size, spec.shared_intermediate_size,
-           spec.head_dim, spec.qk_norm, spec.attention_bias, spec.shared_expert_gate)
+def test_read_config(arch):
+    module = get_architecture(arch)
+    s = module.read_config(config_dict(arch))
+    d, a = s.decoder, s.attention
+    shared = getattr(s, "shared_intermediate_size", 0)
+    got = (d.num_experts, d.expert_intermediate_size, shared, a.head_dim, a.qk_norm, a.bias, shared > 0)
     assert got == SPEC_FACTS[arch]
-    assert (spec.model_type, spec.hidden_size, spec.vocab_size, spec.num_layers) == (arch, 64, 320, 3)
-    assert (spec.num_heads, spec.num_kv_heads, spec.top_k) == (4, 2, 2)
+    assert (d.model_type, d.hidden_size, d.vocab_size, d.num_layers) == (arch, 64, 320, 3)
+    assert (a.num_heads, a.num_kv_heads, d.top_k) == (4, 2, 2)
+    spec = module.model_spec(s)
+    assert spec.moe_layers == [0, 1, 2] and [(c.name, c.heads, c.dim) for c in spec.kv_cache] == [
+        ("key", 2, a.head_dim), ("value", 2, a.head_dim)]
 
 
 @pytest.mark.parametrize("dtype", ["F32", "BF16"])
@@ -256,9 +264,9 @@ def test_split_is_exact(arch, dtype, tmp_path):
     tensors = arange_fill(sources)
     ckpt = write_checkpoint(tmp_path, cfg, tensors, dtype)
     assert {n: ckpt.info(n).dtype for n in ckpt.names()} == {n: dtype for n in sources}
-    spec, mapping = map_and_check(ckpt)
+    settings, mapping = map_and_check(ckpt)
     # the hand-written table and dymoe's canonical layout agree on names and shapes
-    shapes = expected_shapes(spec)
+    shapes = get_architecture(arch).shapes(settings)
     assert set(canon) == set(shapes)
     for name, (source, sel) in canon.items():
         assert np.empty(sources[source])[sel].shape == shapes[name], name
@@ -345,8 +353,8 @@ def test_tied_embeddings(tmp_path):
     assert "lm_head.weight" not in sources
     tensors = arange_fill(sources)
     ckpt = write_checkpoint(tmp_path / "a", cfg, tensors)
-    spec, mapping = map_and_check(ckpt)
-    assert spec.tie_word_embeddings and "lm_head" not in mapping
+    settings, mapping = map_and_check(ckpt)
+    assert settings.decoder.tie_word_embeddings and "lm_head" not in mapping
     assert_split_exact(ckpt, mapping, canon, tensors)
     # a tied config with an lm_head in the file would silently drop it: refuse
     tensors["lm_head.weight"] = np.zeros((320, 64), np.float32)
@@ -444,7 +452,7 @@ def test_wrong_shape(arch, fused, name, shape, fragment, tmp_path):
     assert name in str(e.value)
 
 
-@pytest.mark.parametrize("model_type", ["deepseek_v3", "llama", "", "Mixtral"])
+@pytest.mark.parametrize("model_type", ["deepseek_v4", "llama", "", "Mixtral"])
 def test_unknown_model_type(model_type, tmp_path):
     with pytest.raises(CheckpointError) as e:
         get_architecture(model_type)

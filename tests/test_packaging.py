@@ -21,12 +21,16 @@ def test_wheel_imports_and_runs(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     tops = {n.split("/")[0] for n in names if not n.startswith("dymoe-")}
     assert tops == {"dymoe"}  # nothing generic like `runtime` in site-packages
-    for module in ("toolchain/export.py", "toolchain/archs/qwen3_moe.py", "runtime/model.py", "cli.py"):
-        assert f"dymoe/{module}" in names
+    folders = {"bundle": "bundle", "toolchain": "toolchain", "runtime": "runtime", "calibration": "calibration",
+               "targets": "targets", "models": "models", "dymoe": ""}
+    for folder, inside in folders.items():  # every source module of every package folder is shipped
+        for path in (ROOT / folder).rglob("*.py"):
+            rel = path.relative_to(ROOT / folder).as_posix()
+            assert f"dymoe/{inside + '/' if inside else ''}{rel}" in names, rel
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
                    check=True, capture_output=True)
-    code = ("import dymoe, dymoe.toolchain.export, dymoe.runtime.model_session; "
+    code = ("import dymoe, dymoe.toolchain.export, dymoe.toolchain.archs.deepseek_v3, dymoe.runtime.model_session; "
             "print(dymoe.__file__); from dymoe.cli import main; main()")
     proc = subprocess.run([sys.executable, "-c", code, "--help"], capture_output=True, text=True, cwd=tmp_path,
                           env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"})

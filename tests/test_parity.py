@@ -143,7 +143,7 @@ def test_sliding_window_matches_transformers(tmp_path):
     from conftest import TinyCase
 
     case = TinyCase("mixtral", tmp_path, sliding_window=6)
-    assert read_manifest(case.bundle).model.sliding_window == 6
+    assert read_manifest(case.bundle).architecture["attention"]["sliding_window"] == 6
     assert np.abs(bundle_logits(case.bundle, "fp32") - torch_logits(case.model)).max() < 1e-4
 
 

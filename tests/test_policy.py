@@ -110,11 +110,14 @@ def test_renormalise(weights, kept, want):
     np.testing.assert_allclose(got, want, atol=1e-7)
 
 
-def test_predicted_experts_union_of_token_top_m_ordered_by_mass():
-    logits = np.array([[5.0, 4.0, 0.0, 0.0], [0.0, 4.0, 5.0, 0.0]])
-    assert predicted_experts(logits, 1) == [0, 2]  # equal mass: by index
-    assert predicted_experts(logits, 2) == [0, 2, 1]  # 0.73 + 0.73 beat expert 1's 0.27 + 0.27
-    assert predicted_experts(logits[:1], 2) == [0, 1]
+def test_predicted_experts_union_of_token_top_m_ordered_by_score_mass():
+    scores = np.array([[0.5, 0.4, 0.05, 0.05], [0.05, 0.4, 0.5, 0.05]])  # a softmax router's probabilities
+    assert predicted_experts(scores, 1) == [0, 2]  # equal mass: by index
+    assert predicted_experts(scores, 2) == [1, 0, 2]  # expert 1: 0.4 + 0.4 beats 0.5 + 0.05
+    assert predicted_experts(scores[:1], 2) == [0, 1]
+    # DeepSeek-V3's masked groups are -inf: never predicted, never summed
+    masked = np.array([[0.9, -np.inf, 0.2, -np.inf]])
+    assert predicted_experts(masked, 3) == [0, 2]
 
 
 @pytest.mark.parametrize("text, want", [

@@ -23,21 +23,34 @@ COMMON = dict(
 )
 
 ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+# DeepSeek: Multi-head Latent Attention (latent 16 + rope 8), 8 routed experts top-2 + shared ones,
+# the first layer dense
+DEEPSEEK = dict(
+    vocab_size=VOCAB, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=128,
+    kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=8,
+    num_experts_per_tok=2, moe_intermediate_size=32, intermediate_size=96, first_k_dense_replace=1,
+    rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=None, eos_token_id=None, pad_token_id=None,
+)
 
 
 def tiny_config(arch: str, **overrides):
     import transformers as tf
 
     if arch == "mixtral":
-        cfg = tf.MixtralConfig(**COMMON, num_local_experts=8, intermediate_size=96, **overrides)
+        cfg = tf.MixtralConfig(**{**COMMON, "num_local_experts": 8, "intermediate_size": 96, **overrides})
     elif arch == "qwen2_moe":
-        cfg = tf.Qwen2MoeConfig(**COMMON, num_experts=8, moe_intermediate_size=96, intermediate_size=128,
-                                shared_expert_intermediate_size=64, **overrides)
+        cfg = tf.Qwen2MoeConfig(**{**COMMON, "num_experts": 8, "moe_intermediate_size": 96, "intermediate_size": 128,
+                                   "shared_expert_intermediate_size": 64, **overrides})
     elif arch == "qwen3_moe":
-        cfg = tf.Qwen3MoeConfig(**COMMON, num_experts=8, moe_intermediate_size=96, intermediate_size=128,
-                                head_dim=32, norm_topk_prob=True, **overrides)
+        cfg = tf.Qwen3MoeConfig(**{**COMMON, "num_experts": 8, "moe_intermediate_size": 96, "intermediate_size": 128,
+                                   "head_dim": 32, "norm_topk_prob": True, **overrides})
     elif arch == "olmoe":
-        cfg = tf.OlmoeConfig(**COMMON, num_experts=8, intermediate_size=96, **overrides)
+        cfg = tf.OlmoeConfig(**{**COMMON, "num_experts": 8, "intermediate_size": 96, **overrides})
+    elif arch == "deepseek_v2":
+        cfg = tf.DeepseekV2Config(**{**DEEPSEEK, "q_lora_rank": None, "n_shared_experts": 2, **overrides})
+    elif arch == "deepseek_v3":
+        cfg = tf.DeepseekV3Config(**{**DEEPSEEK, "q_lora_rank": 24, "n_shared_experts": 1, "n_group": 4,
+                                     "topk_group": 2, **overrides})
     else:
         raise ValueError(arch)
     return cfg
@@ -63,7 +76,8 @@ def make_tiny_model(arch: str, folder: Path, seed: int = 0, **overrides):
     torch.manual_seed(seed)
     cfg = tiny_config(arch, **overrides)
     cls = {"mixtral": tf.MixtralForCausalLM, "qwen2_moe": tf.Qwen2MoeForCausalLM,
-           "qwen3_moe": tf.Qwen3MoeForCausalLM, "olmoe": tf.OlmoeForCausalLM}[arch]
+           "qwen3_moe": tf.Qwen3MoeForCausalLM, "olmoe": tf.OlmoeForCausalLM,
+           "deepseek_v2": tf.DeepseekV2ForCausalLM, "deepseek_v3": tf.DeepseekV3ForCausalLM}[arch]
     model = cls(cfg).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -71,6 +85,9 @@ def make_tiny_model(arch: str, folder: Path, seed: int = 0, **overrides):
                 p.copy_(1.0 + 0.1 * torch.randn_like(p))  # non-trivial norm weights catch mix-ups
             else:
                 p.normal_(0.0, 0.08)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # V3: large enough to change the selection
+                b.copy_(0.5 * torch.rand_like(b))
     folder = Path(folder)
     model.save_pretrained(folder)
     save_tokenizer(folder)

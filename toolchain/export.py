@@ -4,6 +4,9 @@ Every output file is written atomically and recorded in a journal (``.dymoe-expo
 together with its checksum and quantization statistics. ``manifest.json`` is written last, so
 a folder without it is never mistaken for a bundle; rerunning the same command after an
 interruption skips every file the journal vouches for and finishes the bundle.
+
+The architecture module (``archs/``) decides everything model-specific: how config.json reads,
+where each tensor comes from, and each layer's graph; this module only schedules and writes.
 """
 
 from __future__ import annotations
@@ -12,8 +15,11 @@ import hashlib
 import json
 import platform
 import time
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 from dymoe.bundle.errors import BundleError, CheckpointError
 from dymoe.bundle.folder import folder_state, foreign_error, remove_listed, remove_temp_files
@@ -30,14 +36,23 @@ from dymoe.bundle.manifest import (
     Quantization,
     Source,
 )
-from dymoe.bundle.naming import EMBED, EXPORT_JOURNAL, HEAD, JOURNALS, MANIFEST_NAME, expert_path, layer_path
+from dymoe.bundle.naming import (
+    EMBED,
+    EXPORT_JOURNAL,
+    HEAD,
+    JOURNALS,
+    MANIFEST_NAME,
+    expert_path,
+    layer_path,
+    router_path,
+    tokenizer_path,
+)
 from dymoe.bundle.paths import resolve
 from dymoe.bundle.precisions import FORMATS
 from dymoe.bundle.progress import Counter
 from dymoe.bundle.version import __version__
 
-from . import backbone_graph
-from .archs import get_architecture
+from .archs import base, get_architecture
 from .checkpoint import TOKENIZER_FILES, Checkpoint, resolve_model_path
 from .expert_graph import expected_bytes
 from .layout import Ref, check_coverage
@@ -47,6 +62,37 @@ from .variants import variant_of, write_expert, write_model
 from .workers import worker_pool
 
 JOURNAL = EXPORT_JOURNAL
+
+
+@dataclass
+class CheckedCheckpoint:
+    """A checkpoint checked for export: config read by its architecture, every tensor mapped."""
+
+    folder: Path
+    ckpt: Checkpoint
+    arch: ModuleType
+    settings: Any  # the architecture's Settings
+    spec: ModelSpec
+    mapping: dict[str, Ref]
+
+
+def open_checkpoint(model: str) -> CheckedCheckpoint:
+    """Open and check a checkpoint (config, every tensor mapped exactly once with the right
+    shape, a tokenizer) without reading any weights."""
+    folder = resolve_model_path(model)
+    ckpt = Checkpoint(folder)
+    arch = get_architecture(ckpt.model_type)
+    settings = arch.read_config(ckpt.config)
+    spec = arch.model_spec(settings)
+    names = set(ckpt.names())
+    mapping = arch.tensor_map(settings, names)
+    check_coverage(mapping, arch.shapes(settings), {n: ckpt.info(n).shape for n in names}, spec.model_type)
+    if not (folder / "tokenizer.json").is_file():
+        raise CheckpointError(
+            f"no tokenizer.json in {folder}",
+            "save the fast tokenizer next to the weights (tokenizer.save_pretrained(folder))",
+        )
+    return CheckedCheckpoint(folder, ckpt, arch, settings, spec, mapping)
 
 
 # --- work done per task (in this process or a worker) ------------------------------------
@@ -65,8 +111,8 @@ def _read(ckpt: Checkpoint, ref: Ref):
     return ckpt.read(ref.source, index=ref.index, rows=ref.rows)
 
 
-def _expert_task(folder: str, out: str, spec: ModelSpec, mapping: dict, layer: int, expert: int,
-                 precisions: tuple[str, ...], block_size: int, quantizer: QuantizerOptions) -> dict[str, dict]:
+def _expert_task(folder: str, out: str, mapping: dict, layer: int, expert: int, precisions: tuple[str, ...],
+                 block_size: int, quantizer: QuantizerOptions) -> dict[str, dict]:
     ckpt = _checkpoint(folder)
     p = f"layers.{layer}.experts.{expert}."
     gate, up, down = (_read(ckpt, mapping[p + n]) for n in ("gate", "up", "down"))
@@ -78,20 +124,25 @@ def _expert_task(folder: str, out: str, spec: ModelSpec, mapping: dict, layer: i
     return done
 
 
-def _backbone_task(folder: str, out: str, spec: ModelSpec, mapping: dict, what: str) -> dict[str, dict]:
+def _backbone_task(folder: str, out: str, model_type: str, settings: Any, mapping: dict, what: str,
+                   layer: int | None) -> dict[str, dict]:
+    """One backbone graph: ``embed``, ``head``, a ``layer`` or a ``router`` (of ``layer``)."""
     ckpt = _checkpoint(folder)
+    d: base.Decoder = settings.decoder
     if what == "embed":
-        rel, model = EMBED, backbone_graph.embed_graph(_read(ckpt, mapping["embed"]))
+        rel, model = EMBED, base.embed_graph(_read(ckpt, mapping["embed"]))
     elif what == "head":
-        lm = mapping["embed"] if spec.tie_word_embeddings else mapping["lm_head"]
-        model = backbone_graph.head_graph(spec, _read(ckpt, mapping["final_norm"]), _read(ckpt, lm))
-        rel = HEAD
+        lm = mapping["embed"] if d.tie_word_embeddings else mapping["lm_head"]
+        rel, model = HEAD, base.head_graph(d, _read(ckpt, mapping["final_norm"]), _read(ckpt, lm))
     else:
-        layer = int(what)
         prefix = f"layers.{layer}."
-        tensors = {c[len(prefix):]: _read(ckpt, r) for c, r in mapping.items()
-                   if c.startswith(prefix) and ".experts." not in c}
-        rel, model = layer_path(layer), backbone_graph.layer_graph(spec, tensors, layer)
+        wanted = (lambda c: c.startswith(prefix + "router")) if what == "router" else (
+            lambda c: c.startswith(prefix) and ".experts." not in c)
+        tensors = {c[len(prefix):]: _read(ckpt, r) for c, r in mapping.items() if wanted(c)}
+        if what == "router":
+            rel, model = router_path(layer), base.router_graph(d, settings.routing, tensors, layer)
+        else:
+            rel, model = layer_path(layer), get_architecture(model_type).layer_graph(settings, tensors, layer)
     return {rel: write_model(Path(out), rel, model)}
 
 
@@ -107,6 +158,27 @@ def fingerprint_of(source: CheckedCheckpoint, options: ExportOptions) -> str:
         sort_keys=True,
     )
     return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def export(model: str, out: Path, options: ExportOptions = ExportOptions(),
+           source: CheckedCheckpoint | None = None) -> Manifest:
+    """Export checkpoint ``model`` (folder or hub id; ``source`` when already opened) to the bundle
+    folder ``out``."""
+    precisions = options.validate()
+    source = source or open_checkpoint(model)
+    fingerprint = fingerprint_of(source, options)
+    out = prepare_folder(Path(out))
+    with bundle_lock(out, "export"):
+        return _export_locked(model, source, precisions, fingerprint, out, options)
+
+
+def prepare_folder(out: Path) -> Path:
+    """Refuse a foreign ``out`` before writing anything into it; create it (and the parents)."""
+    state = folder_state(out, JOURNAL)
+    if state.kind == "foreign":
+        raise foreign_error(out, state)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
 
 
 def _prepare_out(out: Path, fingerprint: str, force: bool) -> dict[str, dict]:
@@ -144,70 +216,26 @@ def _still_valid(out: Path, rel: str, entry: dict) -> bool:
             and sha256_file(path) == entry.get("sha256"))
 
 
-def export(model: str, out: Path, options: ExportOptions = ExportOptions(),
-           source: CheckedCheckpoint | None = None) -> Manifest:
-    """Export checkpoint ``model`` (folder or hub id; ``source`` when already opened) to the bundle
-    folder ``out``."""
-    precisions = options.validate()
-    source = source or open_checkpoint(model)
-    fingerprint = fingerprint_of(source, options)
-    out = prepare_folder(Path(out))
-    with bundle_lock(out, "export"):
-        return _export_locked(model, source, precisions, fingerprint, out, options)
-
-
-def prepare_folder(out: Path) -> Path:
-    """Refuse a foreign ``out`` before writing anything into it; create it (and the parents)."""
-    state = folder_state(out, JOURNAL)
-    if state.kind == "foreign":
-        raise foreign_error(out, state)
-    out.mkdir(parents=True, exist_ok=True)
-    return out
-
-
-class CheckedCheckpoint:
-    """A checkpoint checked for export: its config read, its tensors mapped onto the layout."""
-
-    def __init__(self, folder: Path, ckpt: Checkpoint, spec: ModelSpec, mapping: dict[str, Ref]) -> None:
-        self.folder, self.ckpt, self.spec, self.mapping = folder, ckpt, spec, mapping
-
-
-def open_checkpoint(model: str) -> CheckedCheckpoint:
-    """Open and check a checkpoint (config, every tensor mapped exactly once, a tokenizer) without
-    reading any weights."""
-    folder = resolve_model_path(model)
-    ckpt = Checkpoint(folder)
-    arch = get_architecture(ckpt.model_type)
-    spec = arch.spec_from_config(ckpt.config)
-    names = set(ckpt.names())
-    mapping = arch.tensor_map(spec, names)
-    check_coverage(mapping, spec, {n: ckpt.info(n).shape for n in names})
-    if not (folder / "tokenizer.json").is_file():
-        raise CheckpointError(
-            f"no tokenizer.json in {folder}",
-            "save the fast tokenizer next to the weights (tokenizer.save_pretrained(folder))",
-        )
-    return CheckedCheckpoint(folder, ckpt, spec, mapping)
-
-
 def _export_locked(model: str, src: CheckedCheckpoint, precisions: tuple[str, ...], fingerprint: str, out: Path,
                    options: ExportOptions) -> Manifest:
-    folder, ckpt, spec, mapping = src.folder, src.ckpt, src.spec, src.mapping
+    spec = src.spec
     done = _prepare_out(out, fingerprint, options.force)
     done = {rel: e for rel, e in done.items() if _still_valid(out, rel, e)}
-    _check_disk(out, spec, precisions, options, folder, done)
+    _check_disk(out, src, precisions, options, done)
     journal = Journal(out / JOURNAL, fingerprint, done)
     quantizer = QuantizerOptions(options.quantizer)
-    backbone_rel = {"embed": EMBED, "head": HEAD, **{str(i): layer_path(i) for i in range(spec.num_layers)}}
-    jobs: list[tuple] = [(_backbone_task, (str(folder), str(out), spec, mapping, w)) for w, rel in backbone_rel.items()
-                         if rel not in done]
-    for layer in range(spec.num_layers):
+    graphs = [("embed", None, EMBED), ("head", None, HEAD),
+              *(("layer", layer, layer_path(layer)) for layer in range(spec.num_layers)),
+              *(("router", layer, router_path(layer)) for layer in spec.moe_layers)]
+    common = (str(src.folder), str(out))
+    jobs: list[tuple] = [(_backbone_task, (*common, spec.model_type, src.settings, src.mapping, what, layer))
+                         for what, layer, rel in graphs if rel not in done]
+    for layer in spec.moe_layers:
         for e in range(spec.num_experts):
             if all(expert_path(layer, e, p) in done for p in precisions):
                 continue
-            args = (str(folder), str(out), spec, mapping, layer, e, precisions, options.block_size, quantizer)
-            jobs.append((_expert_task, args))
-    total = len(backbone_rel) + spec.num_layers * spec.num_experts
+            jobs.append((_expert_task, (*common, src.mapping, layer, e, precisions, options.block_size, quantizer)))
+    total = len(graphs) + len(spec.moe_layers) * spec.num_experts
     counter = Counter(options.progress, f"export {spec.model_type}", total, total - len(jobs))
     if options.workers == 1:
         for fn, args in jobs:
@@ -229,12 +257,12 @@ def _export_locked(model: str, src: CheckedCheckpoint, precisions: tuple[str, ..
                     f.cancel()
                 raise
     for name in TOKENIZER_FILES:
-        path = folder / name
+        path = src.folder / name
         if path.is_file():
-            rel = f"tokenizer/{name}"
+            rel = tokenizer_path(name)
             data = path.read_bytes()
             done[rel] = {"bytes": len(data), "sha256": atomic_write_bytes(resolve(out, rel), data)}
-    manifest = _manifest(model, ckpt, spec, precisions, options.block_size, fingerprint, done, quantizer.name)
+    manifest = _manifest(model, src, precisions, options.block_size, fingerprint, done, quantizer.name)
     manifest.write(out)
     journal.remove()
     return manifest
@@ -243,26 +271,31 @@ def _export_locked(model: str, src: CheckedCheckpoint, precisions: tuple[str, ..
 def estimated_expert_bytes(spec: ModelSpec, precisions: tuple[str, ...], block_size: int) -> int:
     """About how many bytes every expert at each of ``precisions`` takes on disk."""
     per = sum(expected_bytes(spec.hidden_size, spec.expert_intermediate_size, p, block_size) for p in precisions)
-    return spec.num_layers * spec.num_experts * per
+    return len(spec.moe_layers) * spec.num_experts * per
 
 
-def estimated_bytes(spec: ModelSpec, precisions: tuple[str, ...], block_size: int) -> int:
-    """About how many bytes a bundle of ``spec`` takes: experts at every precision plus the
-    float32 backbone (for the disk-space check before any work)."""
-    H, V, D = spec.hidden_size, spec.vocab_size, spec.head_dim
-    Q, KV = spec.num_heads * D, spec.num_kv_heads * D
-    per_layer = Q * H * 2 + KV * H * 2 + spec.num_experts * H + 3 * spec.shared_intermediate_size * H + 4 * H
-    backbone = 4 * (2 * V * H + spec.num_layers * per_layer)
-    return backbone + estimated_expert_bytes(spec, precisions, block_size)
+def estimated_bytes(src: CheckedCheckpoint, precisions: tuple[str, ...], block_size: int) -> int:
+    """About how many bytes a bundle of ``src`` takes: experts at every precision plus the float32
+    backbone and routers (for the disk-space check before any work)."""
+    backbone = sum(_numel(shape) for name, shape in src.arch.shapes(src.settings).items() if ".experts." not in name)
+    routers = len(src.spec.moe_layers) * src.spec.num_experts * src.spec.hidden_size
+    return 4 * (backbone + routers) + estimated_expert_bytes(src.spec, precisions, block_size)
 
 
-def _check_disk(out: Path, spec: ModelSpec, precisions: tuple[str, ...], options: ExportOptions, folder: Path,
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _check_disk(out: Path, src: CheckedCheckpoint, precisions: tuple[str, ...], options: ExportOptions,
                 done: dict[str, dict]) -> None:
-    need = estimated_bytes(spec, precisions, options.block_size)
-    need += sum((folder / n).stat().st_size for n in TOKENIZER_FILES if (folder / n).is_file())
+    need = estimated_bytes(src, precisions, options.block_size)
+    need += sum((src.folder / n).stat().st_size for n in TOKENIZER_FILES if (src.folder / n).is_file())
     need += options.reserve_bytes
     need -= sum(int(e.get("bytes", 0)) for e in done.values())
-    require_free_space(out, max(need, 0), f"exporting {spec.model_type} ({', '.join(precisions)})",
+    require_free_space(out, max(need, 0), f"exporting {src.spec.model_type} ({', '.join(precisions)})",
                        "free some space, or export fewer precisions (--precisions) or to another disk (--out)")
 
 
@@ -276,30 +309,27 @@ def _tool_versions() -> dict[str, str]:
     return tools
 
 
-def _manifest(model: str, ckpt: Checkpoint, spec: ModelSpec, precisions: tuple[str, ...], block_size: int,
-              fingerprint: str, done: dict[str, dict], quantizer: str) -> Manifest:
-    experts = []
-    for layer in range(spec.num_layers):
-        for e in range(spec.num_experts):
-            variants = {}
-            for p in precisions:
-                rel = expert_path(layer, e, p)
-                d = done[rel]
-                variants[p] = variant_of(rel, p, d)
-            experts.append(ExpertEntry(layer=layer, expert=e, variants=variants))
+def _manifest(model: str, src: CheckedCheckpoint, precisions: tuple[str, ...], block_size: int, fingerprint: str,
+              done: dict[str, dict], quantizer: str) -> Manifest:
+    spec = src.spec
+    experts = [ExpertEntry(layer=layer, expert=e,
+                           variants={p: variant_of(expert_path(layer, e, p), p, done[expert_path(layer, e, p)])
+                                     for p in precisions})
+               for layer in spec.moe_layers for e in range(spec.num_experts)]
     return Manifest(
         schema_version=SCHEMA_VERSION,
         dymoe_version=__version__,
         created_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         source=Source(model=str(model), model_type=spec.model_type, fingerprint_sha256=fingerprint,
-                      source_bytes=ckpt.source_bytes()),
+                      source_bytes=src.ckpt.source_bytes()),
         model=spec,
         quantization=Quantization(precisions=list(precisions), block_size=block_size, method=quantizer,
                                   formats={p: FORMATS[p] for p in precisions}),
         tools=_tool_versions(),
         tokenizer=sorted(r for r in done if r.startswith("tokenizer/")),
-        backbone=Backbone(embed=EMBED, layers=[layer_path(i) for i in range(spec.num_layers)], head=HEAD),
+        backbone=Backbone(embed=EMBED, layers=[layer_path(i) for i in range(spec.num_layers)], head=HEAD,
+                          routers=[router_path(layer) for layer in spec.moe_layers]),
         experts=experts,
+        architecture=base.settings_json(src.settings),
         files={rel: FileEntry(bytes=d["bytes"], sha256=d["sha256"]) for rel, d in sorted(done.items())},
     )
-

@@ -118,7 +118,7 @@ def _needed_bytes(manifest: Manifest, targets: tuple[str, ...], done: dict[str, 
     """New variants still to write (the old ones are deleted only after the switch)."""
     q, s = manifest.quantization, manifest.model
     per = sum(expected_bytes(s.hidden_size, s.expert_intermediate_size, p, q.block_size) for p in targets)
-    return max(0, s.num_layers * s.num_experts * per - sum(int(e.get("bytes", 0)) for e in done.values()))
+    return max(0, len(s.moe_layers) * s.num_experts * per - sum(int(e.get("bytes", 0)) for e in done.values()))
 
 
 def requantize(bundle: Path, options: RequantizeOptions = RequantizeOptions()) -> Manifest:

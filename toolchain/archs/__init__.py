@@ -1,4 +1,5 @@
-"""Supported architectures, one module each, named after the Hugging Face ``model_type``."""
+"""Supported architectures, one module each, named after the Hugging Face ``model_type``
+(``base.py`` says what a module provides and holds what they share)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,10 @@ from types import ModuleType
 
 from dymoe.bundle.errors import CheckpointError
 
-from . import mixtral, olmoe, qwen2_moe, qwen3_moe
+from . import deepseek_v2, deepseek_v3, mixtral, olmoe, qwen2_moe, qwen3_moe
 
-ARCHITECTURES: dict[str, ModuleType] = {m.MODEL_TYPE: m for m in (mixtral, qwen2_moe, qwen3_moe, olmoe)}
+ARCHITECTURES: dict[str, ModuleType] = {
+    m.MODEL_TYPE: m for m in (mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2, deepseek_v3)}
 
 
 def get_architecture(model_type: str) -> ModuleType:

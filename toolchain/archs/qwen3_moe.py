@@ -1,36 +1,70 @@
-"""Qwen3-MoE: RMSNorm on each head of q and k (``q_norm``/``k_norm`` of size head_dim), explicit
-``head_dim``, no shared expert; top-k renormalisation per ``norm_topk_prob``."""
+"""Qwen3-MoE: grouped-query attention with RMSNorm on each head of q and k (``q_norm`` /
+``k_norm`` of size head_dim) and an explicit ``head_dim``; softmax routing, top-k renormalised
+per ``norm_topk_prob``; no shared expert; layers listed in ``mlp_only_layers`` (or off the
+``decoder_sparse_step``) are dense SwiGLU MLPs of ``intermediate_size``."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import onnx
+
 from dymoe.bundle.manifest import ModelSpec
 
+from ..blocks.attention import GqaConfig, cache_shapes, gqa_attention, weight_shapes
+from ..blocks.routing import RouterConfig, route
 from ..layout import Ref
-from ._common import attention_refs, base_spec, expert_refs, need_int, reject_dense_layers, top_refs
+from . import base
 
 MODEL_TYPE = "qwen3_moe"
+KEYS = {"expert_intermediate_size": "moe_intermediate_size"}
 
 
-def spec_from_config(cfg: dict) -> ModelSpec:
-    reject_dense_layers(cfg)
-    return base_spec(
-        cfg,
-        keys={"expert_intermediate_size": "moe_intermediate_size"},
-        num_experts=need_int(cfg, "num_experts", "num_local_experts"),
-        expert_intermediate_size=need_int(cfg, "moe_intermediate_size"),
-        norm_topk_prob=bool(cfg.get("norm_topk_prob", True)),
-        attention_bias=bool(cfg.get("attention_bias", False)),
-        qk_norm="head",
-        # transformers applies the window whenever the config sets one
-        sliding_window=cfg.get("sliding_window"),
-    )
+@dataclass(frozen=True)
+class Settings:
+    decoder: base.Decoder
+    attention: GqaConfig
+    routing: RouterConfig
 
 
-def tensor_map(spec: ModelSpec, names: set[str]) -> dict[str, Ref]:
-    refs = top_refs(spec)
-    for layer in range(spec.num_layers):
+def read_config(cfg: dict) -> Settings:
+    d = base.read_decoder(cfg, ("num_experts", "num_local_experts"), "moe_intermediate_size")
+    # transformers applies the window whenever the config sets one
+    attention = base.read_gqa(cfg, d, qk_norm="head", bias=bool(cfg.get("attention_bias", False)),
+                              sliding_window=base.opt_int(cfg, "sliding_window"))
+    return Settings(d, attention, RouterConfig("softmax", d.num_experts, d.top_k,
+                                               norm_topk_prob=bool(cfg.get("norm_topk_prob", True))))
+
+
+def model_spec(s: Settings) -> ModelSpec:
+    return base.model_spec(s.decoder, cache_shapes(s.attention), KEYS)
+
+
+def tensor_map(s: Settings, names: set[str]) -> dict[str, Ref]:
+    refs = base.top_refs(s.decoder)
+    for layer in range(s.decoder.num_layers):
         p = f"model.layers.{layer}."
-        refs.update(attention_refs(spec, layer, p))
+        refs |= base.norm_refs(layer, p) | base.gqa_refs(s.attention, layer, p)
+        if layer in s.decoder.dense_layers:
+            refs |= base.mlp_refs(layer, "mlp.", f"{p}mlp.")
+            continue
         refs[f"layers.{layer}.router"] = Ref(f"{p}mlp.gate.weight")
-        refs.update(expert_refs(spec, layer, f"{p}mlp.experts.", names))
+        refs |= base.expert_refs(s.decoder, layer, f"{p}mlp.experts.", names)
     return refs
+
+
+def shapes(s: Settings) -> dict[str, tuple[int, ...]]:
+    d = s.decoder
+    return base.decoder_shapes(d) | base.per_layer(weight_shapes(s.attention, d.hidden_size), range(d.num_layers))
+
+
+def layer_graph(s: Settings, t: base.Tensors, layer: int) -> onnx.ModelProto:
+    lg = base.LayerGraph(s.decoder, layer, cache_shapes(s.attention))
+    g, eps = lg.g, s.decoder.rms_norm_eps
+    x = g.rms_norm(lg.hidden, t["attn_norm"], eps, "attn_norm")
+    attn = gqa_attention(g, x, lg.positions, lg.past, t, s.attention)
+    h = g.op("Add", [lg.hidden, attn["attn_out"]])
+    xe = g.rms_norm(h, t["ffn_norm"], eps, "ffn_norm")
+    if layer in s.decoder.dense_layers:
+        return lg.dense(g.op("Add", [h, base.swiglu(g, xe, t, "mlp.")]), attn, x)
+    return lg.moe(h, xe, route(g, xe, t["router"], s.routing), attn, x)
