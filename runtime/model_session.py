@@ -19,7 +19,7 @@ from .memory import current_rss
 from .model import MoEModel
 from .policy_config import PolicyRun
 from .sampling import SamplingParams
-from .tokenizer import StreamDecoder, TextTokenizer
+from .tokenizer import TextTokenizer
 
 
 @dataclass
@@ -38,7 +38,7 @@ class ModelSession:
 
     def generate_ids(self, ids: list[int], max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
                      seed: int = 0, stream: Callable[[str], object] | None = None) -> GenerationResult:
-        decoder = StreamDecoder(self.tokenizer)
+        decoder = self.tokenizer.stream()
         loader = self.orchestrator.loader if self.orchestrator else None
 
         self._rss_peak = current_rss()
@@ -47,15 +47,12 @@ class ModelSession:
             self._rss_peak = max(self._rss_peak, current_rss())
             if loader is not None and not decoder.ids:  # first token: prefill is over
                 self._decode_bytes_from = loader.totals.bytes_read
-            if stream:
-                stream(decoder.push(t))
-            else:
-                decoder.ids.append(t)
+            text = decoder.push(t)
+            if stream and text:
+                stream(text)
 
         result = generate(self.model, ids, max_new_tokens, SamplingParams(temperature, top_p, seed),
                           on_token=on_token)
-        if stream:
-            stream(decoder.flush())
         return result
 
     def metrics(self, result: GenerationResult) -> dict:

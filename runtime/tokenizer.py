@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tokenizers import Tokenizer
+from tokenizers.decoders import DecodeStream
 
 from dymoe.bundle.errors import InputError
 
@@ -25,26 +26,21 @@ class TextTokenizer:
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)
 
+    def stream(self) -> StreamDecoder:
+        """An incremental decoder for tokens arriving one at a time."""
+        return StreamDecoder(self._tok)
+
 
 class StreamDecoder:
-    """Feed token ids one by one; get back the newly completed text each time."""
+    """Feed token ids one by one; get back the newly completed text each time. Incremental
+    (tokenizers' ``DecodeStream``: constant work per token, not a re-decode of the whole text),
+    and a character split across tokens is released once its bytes are complete."""
 
-    def __init__(self, tokenizer: TextTokenizer) -> None:
-        self.tokenizer = tokenizer
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self._tok = tokenizer
         self.ids: list[int] = []
-        self.emitted = ""
+        self._stream = DecodeStream(skip_special_tokens=True)
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids)
-        # a multi-byte character split across tokens decodes to U+FFFD until it is complete
-        if text.endswith("\ufffd") or not text.startswith(self.emitted):
-            return ""
-        new, self.emitted = text[len(self.emitted):], text
-        return new
-
-    def flush(self) -> str:
-        text = self.tokenizer.decode(self.ids)
-        new = text[len(self.emitted):] if text.startswith(self.emitted) else ""
-        self.emitted = text
-        return new
+        return self._stream.step(self._tok, token_id) or ""

@@ -14,10 +14,14 @@ from dymoe.runtime.policy import (
     SKIP,
     choose_precisions,
     cosine_retention,
+    critical_count,
     heavy_hitter_counts,
     parse_ladder,
+    plan_precisions,
+    plan_prefetch,
     predicted_experts,
     renormalise,
+    step_importance,
     tier_of,
 )
 from dymoe.runtime.policy_config import resolve, retention_schedule
@@ -77,6 +81,53 @@ def test_cosine_retention_decays_monotonically():
 ])
 def test_tier_of(rank, count, r, tiers, want):
     assert tier_of(rank, count, r, tiers) == want
+
+
+@pytest.mark.parametrize("r, count, want", [
+    (0.5, 2, 1), (0.75, 2, 1), (1.0, 2, 2), (0.01, 2, 1), (0.75, 8, 6), (0.3, 8, 2), (1.0, 1, 1), (0.999, 4, 3),
+])
+def test_critical_count(r, count, want):
+    assert critical_count(r, count) == want
+
+
+def test_step_importance_decode_is_the_gate_score():
+    got = step_importance("decode", np.array([[3, 5]]), np.array([[0.7, 0.3]], np.float32), np.ones(4), 0.1)
+    assert got == pytest.approx({3: 0.7, 5: 0.3})
+
+
+def test_step_importance_prefill_counts_heavy_hitters_then_gate_mass():
+    # token 2 holds the most attention: its experts (1 and 4) are the important ones
+    experts = np.array([[0, 4], [0, 2], [1, 4], [0, 2]])
+    weights = np.array([[0.9, 0.1], [0.6, 0.4], [0.5, 0.5], [0.9, 0.1]], np.float32)
+    colsum = np.array([0.1, 0.2, 3.0, 0.4])
+    got = step_importance("prefill", experts, weights, colsum, heavy_fraction=0.25)
+    assert sorted(got, key=got.get, reverse=True)[:2] == [4, 1]  # heavy hitters beat any gate mass
+    assert got[0] > got[2]  # then gate mass: 2.4 vs 0.5
+    assert all(0 <= got[e] < 1 for e in (0, 2)) and all(1 <= got[e] < 2 for e in (1, 4))
+
+
+@pytest.mark.parametrize("importance, r, ladder, want", [
+    ({7: 0.6, 2: 0.4}, 0.5, ["int4", "int2"], {7: "int4", 2: "int2"}),
+    ({7: 0.6, 2: 0.4}, 1.0, ["int4", SKIP], {7: "int4", 2: "int4"}),
+    ({7: 0.6, 2: 0.4}, 0.5, ["fp16"], {7: "fp16", 2: "fp16"}),
+    ({1: 0.1, 2: 0.5, 3: 0.2, 4: 0.9}, 0.5, ["int8", "int4", SKIP], {4: "int8", 2: "int8", 3: "int4", 1: SKIP}),
+])
+def test_plan_precisions(importance, r, ladder, want):
+    assert plan_precisions(importance, r, ladder) == want
+
+
+@pytest.mark.parametrize("scores, m, r, ladder, want", [
+    # decode: one token's scores, top-2 predicted, the likelier one critical
+    ([[0.1, 0.6, 0.05, 0.25]], 2, 0.5, ["int4", "int2"], {1: "int4", 3: "int2"}),
+    # the skipped step needs no load
+    ([[0.1, 0.6, 0.05, 0.25]], 2, 0.5, ["int4", SKIP], {1: "int4"}),
+    # prefill: the union over tokens, cut to the m likeliest overall
+    ([[0.5, 0.4, 0.05, 0.05], [0.05, 0.4, 0.5, 0.05]], 2, 1.0, ["int4"], {1: "int4", 0: "int4"}),
+    # DeepSeek-V3: masked groups (-inf) are never fetched
+    ([[-np.inf, 0.9, -np.inf, 0.3]], 3, 1.0, ["int8", "int4"], {1: "int8", 3: "int8"}),
+])
+def test_plan_prefetch(scores, m, r, ladder, want):
+    assert plan_prefetch(np.array(scores), m, r, ladder) == want
 
 
 @pytest.mark.parametrize("importance, r, ladder, want", [
