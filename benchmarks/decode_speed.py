@@ -34,7 +34,8 @@ def main() -> None:
     from dymoe.runtime.experts import StaticExperts
     from dymoe.runtime.generate import generate
     from dymoe.runtime.model import MoEModel
-    from dymoe.toolchain.export import ExportOptions, export
+    from dymoe.toolchain.export import export
+    from dymoe.toolchain.options import ExportOptions
 
     torch.manual_seed(0)
     cfg = tf.Qwen3MoeConfig(vocab_size=4096, hidden_size=256, num_hidden_layers=4, num_attention_heads=8,

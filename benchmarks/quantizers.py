@@ -35,13 +35,14 @@ INTEGER = ("int8", "int4", "int2")
 
 def export_demo(quantizer: str, out: Path) -> float:
     from dymoe.demo import demo_model_dir
-    from dymoe.toolchain.export import ExportOptions, export
+    from dymoe.pipelines import GptqOptions, export
+    from dymoe.toolchain.options import ExportOptions
 
     src = demo_model_dir()
-    data = (str(src / "calibration.txt"),) if quantizer == "gptq" else ()
+    gptq = GptqOptions((str(src / "calibration.txt"),)) if quantizer == "gptq" else None
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
-    export(str(src), out, ExportOptions(precisions=("fp32", *INTEGER), quantizer=quantizer, calibration_data=data))
+    export(str(src), out, ExportOptions(precisions=("fp32", *INTEGER), quantizer="hqq" if gptq else quantizer), gptq)
     return time.perf_counter() - t0
 
 

@@ -11,17 +11,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from _common import CACHE, RESULTS, machine
 from rich.console import Console
 
+from dymoe.console import reporter
 from dymoe.runtime.bench import BenchOptions, run_bench
 from dymoe.runtime.bench_plots import write_plots
 from dymoe.runtime.policy_config import PolicyRun
 from dymoe.tables import print_tables
-from dymoe.toolchain.export import ExportOptions, export
+from dymoe.toolchain.export import export
+from dymoe.toolchain.options import ExportOptions
 from dymoe.toolchain.synthetic import write_synthetic_checkpoint
 
 POLICIES = "ondemand,lru,lru-prefetch,static-int4,static-int2,dymoe"
@@ -62,8 +63,8 @@ def main() -> None:
         base=PolicyRun("lru", io=args.io, storage_profile=args.storage_profile, full_precision="fp16"),
         prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, repeats=args.repeats,
         accuracy=heldout is not None, data=heldout, window=128, windows=args.windows)
-    result = run_bench(bundle, opts, on_run=lambda p: print(".", end="", flush=True, file=sys.stderr))
-    print(file=sys.stderr)
+    with reporter(Console(stderr=True)) as progress:
+        result = run_bench(bundle, opts, progress)
     print_tables(result, Console(width=220))
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"bench_{args.model}.json"
