@@ -1,10 +1,17 @@
 """The standard comparison (`make bench`): every policy side by side with dymoe bench's
-machinery, on the demo model and on a synthetic model with realistic expert sizes (hidden
-2048, expert intermediate 1024, 64 experts, top-8, 4 layers), under a budget of 25 % of the
-fp16 experts, --io direct and an emulated Jetson Orin Nano NVMe. Writes JSON and plots under
-results/ (not committed).
+machinery, under a budget of 25 % of the fp16 experts, --io direct and an emulated Jetson Orin
+Nano NVMe, on one of:
 
-    python benchmarks/runtime_policies.py --model demo|synthetic [--repeats 3] [--new-tokens 16]
+* ``widened`` (the default): the shipped demo model widened ``--factor`` times
+  (``dymoe.toolchain.widen``: every expert neuron copied, the function unchanged), so experts
+  have realistic sizes (k=64: 4.7 MB fp16 each, 112 of them) AND trained routing and accuracy;
+* ``demo``: the shipped demo model as it is (experts of a few KB: offloading measures Python);
+* ``synthetic``: random weights of realistic shapes (hidden 2048, expert intermediate 1024,
+  64 experts, top-8, 4 layers): no trained routing, no accuracy.
+
+Writes JSON and plots under results/ (not committed); the models are built once into .cache/.
+
+    python benchmarks/runtime_policies.py [--model widened --factor 64] [--budgets 10%,15%,25%,50%]
 """
 
 from __future__ import annotations
@@ -28,12 +35,24 @@ from dymoe.toolchain.synthetic import write_synthetic_checkpoint
 POLICIES = "ondemand,lru,lru-prefetch,static-int4,static-int2,dymoe"
 
 
-def bundle_for(model: str) -> tuple[Path, Path | None]:
-    """(bundle, held-out text or None); exported once into .cache/."""
-    if model == "demo":
-        from dymoe.demo import demo_model_dir, ensure_demo_bundle
+def bundle_for(model: str, factor: int = 64, seed: int = 0) -> tuple[Path, Path | None]:
+    """(bundle, held-out text or None); built and exported once into .cache/."""
+    from dymoe.demo import demo_model_dir, ensure_demo_bundle
 
+    if model == "demo":
         return ensure_demo_bundle(), demo_model_dir() / "heldout.txt"
+    if model == "widened":
+        from dymoe.toolchain.widen import widen_checkpoint
+
+        src = CACHE / f"demo_widened_k{factor}_s{seed}"
+        if not (src / "config.json").exists():
+            widen_checkpoint(demo_model_dir(), src, factor, seed)
+        out = CACHE / f"bundle_demo_widened_k{factor}_s{seed}"
+        if not (out / "manifest.json").exists():
+            with reporter(Console(stderr=True)) as progress:
+                export(str(src), out, ExportOptions(precisions=("fp16", "int8", "int4", "int2"), workers=2,
+                                                    progress=progress))
+        return out, demo_model_dir() / "heldout.txt"
     src = CACHE / "synthetic_h2048_i1024_e64_k8_l4"
     if not (src / "config.json").exists():
         write_synthetic_checkpoint(src, hidden=2048, intermediate=1024, experts=64, top_k=8, layers=4,
@@ -46,7 +65,9 @@ def bundle_for(model: str) -> tuple[Path, Path | None]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", choices=("demo", "synthetic"), default="demo")
+    ap.add_argument("--model", choices=("widened", "demo", "synthetic"), default="widened")
+    ap.add_argument("--factor", type=int, default=64, help="widening factor of --model widened")
+    ap.add_argument("--seed", type=int, default=0, help="widening seed of --model widened")
     ap.add_argument("--policies", default=POLICIES)
     ap.add_argument("--budgets", default="25%")
     ap.add_argument("--io", default="direct")
@@ -57,7 +78,7 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=4)
     args = ap.parse_args()
 
-    bundle, heldout = bundle_for(args.model)
+    bundle, heldout = bundle_for(args.model, args.factor, args.seed)
     opts = BenchOptions(
         policies=args.policies.split(","), budgets=args.budgets.split(","),
         base=PolicyRun("lru", io=args.io, storage_profile=args.storage_profile, full_precision="fp16"),

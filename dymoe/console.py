@@ -22,8 +22,9 @@ class Reporter:
         self.terminal = console.is_terminal if terminal is None else terminal
         self._bar: Progress | None = None
         self._tasks: dict[str, int] = {}
-        self._last: dict[str, float] = {}
-        self._started: dict[str, float] = {}
+        self._first: float | None = None
+        self._last_line = 0.0
+        self._last_what = ""
 
     def __enter__(self) -> Reporter:
         if self.terminal:
@@ -45,13 +46,14 @@ class Reporter:
                 task = self._tasks[what] = self._bar.add_task(what, total=total)
             self._bar.update(task, completed=done, total=total)
             return
+        # plain lines: one stream for all the work of a command, throttled as a whole (labels change
+        # as work moves on, e.g. "bench: round 2/3, lru"), quiet for short commands
         now = time.monotonic()
-        start = self._started.setdefault(what, now)
-        spoke = what in self._last
-        if (done >= total and spoke) or (done < total and now - start >= QUIET_S
-                                         and now - self._last.get(what, start - LOG_EVERY_S) >= LOG_EVERY_S):
-            self._last[what] = now
-            self.console.print(f"{what}: {done}/{total} ({now - start:.0f} s)", highlight=False)
+        self._first = self._first if self._first is not None else now
+        due = now - self._first >= QUIET_S and now - self._last_line >= LOG_EVERY_S
+        if due or (done >= total and self._last_line > 0 and what != self._last_what):
+            self._last_line, self._last_what = now, what
+            self.console.print(f"{what}: {done}/{total} ({now - self._first:.0f} s)", highlight=False)
 
 
 def reporter(console: Console) -> Reporter:
