@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .budget import parse_budget
 from .bundle import Bundle
-from .costs import resident_costs
+from .costs import EngineCosts, engine_costs
 from .engine_cache import EngineCache
 from .loader import Loader
 from .orchestrator import Orchestrator, check_budget
@@ -16,12 +16,12 @@ from .predictor import Predictor
 from .storage import Storage, load_profile
 
 
-def plan(bundle: Bundle, run: PolicyRun) -> tuple[PolicyConfig, dict[str, int], int]:
+def plan(bundle: Bundle, run: PolicyRun) -> tuple[PolicyConfig, EngineCosts, int]:
     """Resolve the policy, measure engine costs and check the budget, loading no expert."""
     cfg = resolve(run.policy, bundle.precisions, run.policy_config, run.full_precision, **run.overrides)
-    costs = resident_costs(bundle.path)
+    costs = engine_costs(bundle.path, "bundle" if run.engine_cache is None else "engine")
     spec = bundle.spec
-    all_top = costs[run.full_precision or bundle.precisions[0]] * len(spec.moe_layers) * spec.num_experts
+    all_top = costs.resident[run.full_precision or bundle.precisions[0]] * len(spec.moe_layers) * spec.num_experts
     budget = parse_budget(run.budget, all_top)
     check_budget(cfg, costs, budget, spec.top_k)
     return cfg, costs, budget

@@ -1,11 +1,18 @@
-"""What a resident expert engine really costs in memory, per precision.
+"""What an expert engine really costs in memory, per precision: resident, and while it is built.
 
-File size is not the answer: ORT copies float initializers and prepacks weights (an fp32
-expert takes about twice its file; fp16 is upcast to fp32 on CPU). We measure the RSS growth
-of building a few sessions of each precision in a fresh process (so freed memory from other
-work cannot hide the cost) and cache the result per bundle.
+File size is not the answer: ORT copies float initializers and prepacks weights (fp16 is upcast
+to fp32 on CPU; an int4 graph built from the bundle's QDQ form keeps both forms). We build a few
+engines of each precision in a fresh process, in the form the loader builds them (the engine
+cache's optimised graph for integer precisions, or the bundle's graph), and measure:
 
-    python -m dymoe.runtime.costs BUNDLE     # prints the JSON it measures
+* ``resident``: RSS growth per engine, everything kept alive;
+* ``scratch``: how far RSS peaks above that while one engine is built (ORT's copy of the
+  model, the parsed graph, float conversions), read from the kernel's peak-RSS counter.
+
+The runtime charges a load ``resident + scratch`` against the budget while it is in flight, so
+the budget bounds the process's real footprint. Results are cached per bundle and machine.
+
+    python -m dymoe.runtime.costs BUNDLE [engine|bundle]     # prints the JSON it measures
 """
 
 from __future__ import annotations
@@ -14,19 +21,73 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 SAMPLES = 3
+FORMS = ("engine", "bundle")  # how the loader builds engines: from the engine cache, or the bundle
+VERSION = 2  # of the measurement (a changed method re-measures)
 
 
-def measure_here(bundle_path: Path, samples: int = SAMPLES) -> dict[str, int]:
+@dataclass(frozen=True)
+class EngineCosts:
+    resident: dict[str, int]  # precision -> bytes one resident engine holds
+    scratch: dict[str, int]  # precision -> extra bytes while one is built
+
+    def in_flight(self, precision: str) -> int:
+        return self.resident[precision] + self.scratch[precision]
+
+    def to_json(self) -> dict:
+        return {"resident": self.resident, "scratch": self.scratch}
+
+    @staticmethod
+    def from_json(data: dict) -> EngineCosts:
+        return EngineCosts({k: int(v) for k, v in data["resident"].items()},
+                           {k: int(v) for k, v in data["scratch"].items()})
+
+
+def _reset_peak() -> bool:
+    """Reset the kernel's peak-RSS counter (VmHWM) to the current RSS (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def engine_bytes(bundle, rel: str, precision: str, form: str) -> bytes:
+    """The bytes the loader would build ``rel`` from in ``form``."""
+    from .engine_cache import CACHED_PRECISIONS
+    from .ort_session import create_session
+
+    data = bundle.read(rel)
+    if form == "bundle" or precision not in CACHED_PRECISIONS:
+        return data
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "optimised.onnx"
+        create_session(data, 1, rel, save_optimized=str(out))
+        return out.read_bytes()
+
+
+def measure_here(bundle_path: Path, form: str = "engine", samples: int = SAMPLES) -> EngineCosts:
     """Measure in this process: smallest files first, everything kept alive until the end."""
     import gc
 
     import numpy as np
 
     from .bundle import Bundle
-    from .memory import current_rss
+    from .engine_cache import CACHED_PRECISIONS
+    from .memory import current_rss, release_free_memory
     from .ort_session import create_session
 
     bundle = Bundle(bundle_path)
@@ -35,54 +96,71 @@ def measure_here(bundle_path: Path, samples: int = SAMPLES) -> dict[str, int]:
     keys = every[1:min(samples, len(every) - 1) + 1]  # the first one warms up each precision below
     first = every[0]
     sizes = {p: bundle.manifest.files[bundle.expert_rel(*first, p)].bytes for p in bundle.precisions}
-    keep, costs = [], {}
+    keep, resident, scratch = [], {}, {}
     x = np.zeros((1, spec.hidden_size), np.float32)
+
+    def build(data: bytes, p: str):
+        cached = form == "engine" and p in CACHED_PRECISIONS
+        s = create_session(data, 1, p, optimize=not cached)
+        s.run(None, {"x": x})  # the first run allocates kernel buffers too
+        return s
+
     for p in bundle.precisions:  # one-time kernel and arena set-up must not count as expert cost
-        s = create_session(bundle.read(bundle.expert_rel(*first, p)), 1, p)
-        s.run(None, {"x": x})
-        keep.append(s)
+        keep.append(build(engine_bytes(bundle, bundle.expert_rel(*first, p), p, form), p))
     for p in sorted(bundle.precisions, key=sizes.get):
-        datas = [bundle.read(bundle.expert_rel(layer, e, p)) for layer, e in keys]
+        datas = [engine_bytes(bundle, bundle.expert_rel(layer, e, p), p, form) for layer, e in keys]
         gc.collect()
+        release_free_memory()  # every measurement starts from a heap with no free pages
         before = current_rss()
+        peak_over = 0
         for data in datas:
-            s = create_session(data, 1, p)
-            s.run(None, {"x": x})  # first run allocates kernel buffers too
-            keep.append(s)
-        costs[p] = max(sizes[p], int((current_rss() - before) / len(keys)))
+            tracked = _reset_peak()
+            keep.append(build(data, p))
+            peak = _peak_rss()
+            release_free_memory()  # the scratch is freed but stays in RSS until trimmed
+            if tracked:
+                peak_over = max(peak_over, peak - current_rss())
+        resident[p] = max(sizes[p], int((current_rss() - before) / len(keys)))
+        scratch[p] = peak_over if peak_over > 0 else 2 * sizes[p]
         del datas
-    return costs
+    return EngineCosts(resident, scratch)
 
 
-def _cache_file(bundle_path: Path) -> Path:
+def estimate(bundle_path: Path) -> EngineCosts:
+    """Without a measurement: files resident as they are, twice the file while building."""
+    from dymoe.bundle.manifest import read_manifest
+
+    m = read_manifest(bundle_path)
+    first = m.experts[0]
+    sizes = {p: m.files[first.variants[p].path].bytes for p in m.quantization.precisions}
+    return EngineCosts(sizes, {p: 2 * b for p, b in sizes.items()})
+
+
+def _cache_file(bundle_path: Path, form: str) -> Path:
     from dymoe.bundle.manifest import read_manifest
 
     m = read_manifest(bundle_path)
     base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dymoe" / "costs"
-    return base / f"{m.source.fingerprint_sha256[:16]}-{'-'.join(m.quantization.precisions)}.json"
+    return base / f"{m.source.fingerprint_sha256[:16]}-{'-'.join(m.quantization.precisions)}-{form}-v{VERSION}.json"
 
 
-def resident_costs(bundle_path: Path) -> dict[str, int]:
-    """Per-precision resident bytes of one expert, measured once per bundle and machine."""
+def engine_costs(bundle_path: Path, form: str = "engine") -> EngineCosts:
+    """Per-precision costs of one expert engine, measured once per bundle, form and machine."""
     from dymoe.bundle.fsutil import atomic_write_text
 
-    cache = _cache_file(bundle_path)
+    cache = _cache_file(bundle_path, form)
     try:
-        return {k: int(v) for k, v in json.loads(cache.read_text()).items()}
-    except (FileNotFoundError, ValueError):
+        return EngineCosts.from_json(json.loads(cache.read_text()))
+    except (FileNotFoundError, ValueError, KeyError, AttributeError):
         pass
-    proc = subprocess.run([sys.executable, "-m", "dymoe.runtime.costs", str(bundle_path)], capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-m", "dymoe.runtime.costs", str(bundle_path), form],
+                          capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:  # measurement is an optimisation of accuracy, not a requirement
-        from dymoe.bundle.manifest import read_manifest
-
-        m = read_manifest(bundle_path)
-        first = m.experts[0]
-        return {p: m.files[first.variants[p].path].bytes for p in m.quantization.precisions}
-    costs = json.loads(proc.stdout)
-    atomic_write_text(cache, json.dumps(costs))
+        return estimate(bundle_path)
+    costs = EngineCosts.from_json(json.loads(proc.stdout))
+    atomic_write_text(cache, json.dumps(costs.to_json()))
     return costs
 
 
 if __name__ == "__main__":
-    print(json.dumps(measure_here(Path(sys.argv[1]))))
+    print(json.dumps(measure_here(Path(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else "engine").to_json()))

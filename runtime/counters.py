@@ -35,8 +35,8 @@ class RunCounters:
     def planned(self, layer: int, precision: str) -> None:
         self.mix[layer][precision] += 1
 
-    def skip(self) -> None:
-        self.skipped += 1
+    def skip(self, n: int = 1) -> None:
+        self.skipped += n
 
     def hit(self, key: Key, prefetched: bool) -> None:
         self.requests += 1

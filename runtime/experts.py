@@ -47,18 +47,27 @@ def groups(step: LayerStep):
         yield int(e), tok, slot
 
 
-def combine(step: LayerStep, expert_forward, weights: np.ndarray | None = None) -> np.ndarray:
-    """Sum ``weight * expert(x)`` over each token's selected experts, one call per distinct expert
-    (its tokens batched); ``expert_forward(e, x)`` may return None for an expert that is skipped.
-    ``weights`` overrides the step's routing weights (renormalised after skips)."""
+def accumulate(step: LayerStep, outputs: dict[int, np.ndarray | None], weights: np.ndarray | None = None
+               ) -> np.ndarray:
+    """Sum ``weight * y`` over each token's selected experts from ``outputs[e]`` (``y [n, H]`` for
+    the tokens routed to ``e``, None for a skipped expert), in ascending expert order whatever
+    order they were computed in, so the result does not depend on load timing. ``weights``
+    overrides the step's routing weights (renormalised after skips)."""
     x = step.router_input
     w = step.weights if weights is None else weights
     out = np.zeros_like(x)
     for e, tok, slot in groups(step):
-        y = expert_forward(e, x[tok])
+        y = outputs.get(e)
         if y is not None:
             out[tok] += w[tok, slot][:, None] * y
     return out
+
+
+def combine(step: LayerStep, expert_forward, weights: np.ndarray | None = None) -> np.ndarray:
+    """Run each distinct selected expert once on its tokens (batched), ``expert_forward(e, x)``
+    returning ``y`` or None for a skipped expert, and :func:`accumulate` the outputs."""
+    x = step.router_input
+    return accumulate(step, {e: expert_forward(e, x[tok]) for e, tok, _ in groups(step)}, weights)
 
 
 class ExpertSessions:

@@ -101,6 +101,7 @@ def open_model(path: Path, precision: str | None = None, experts: ExpertExecutor
         orch = build_orchestrator(bundle, policy)
         try:
             model = MoEModel(bundle, orch)
+            orch.start()
         except BaseException:
             orch.close()
             raise

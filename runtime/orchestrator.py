@@ -4,6 +4,11 @@ and ``cache`` (hit, miss or promotion; what to evict); the books are the ``Resid
 events go to an observer (``RunCounters``). This module only performs: it asks the loader,
 waits when it must (a stall), and runs the expert sessions.
 
+A step is pipelined: every missing expert's load is queued at once (most important first, ahead
+of any prefetch), the resident experts run while those loads are read and built on the loader's
+threads, and each loaded expert runs as soon as it lands. Outputs are summed in expert order,
+so results do not depend on which load finished first.
+
 T tokens of the step, H hidden, k experts per token, E experts per layer.
 """
 
@@ -11,6 +16,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 
 import numpy as np
 
@@ -20,28 +26,30 @@ from dymoe.bundle.precisions import RANK, SKIP
 
 from .bundle import Bundle
 from .cache import HIT, PROMOTE, Key, classify
+from .costs import EngineCosts
 from .counters import RunCounters
-from .experts import LayerStep, combine
-from .loader import Loaded, Loader
+from .experts import LayerStep, accumulate, groups
+from .loader import DEMAND, PREFETCH, Loaded, Loader
+from .memory import HeapGovernor
 from .policy import minimum_working_set, plan_precisions, plan_prefetch, renormalise, step_importance
 from .policy_config import PolicyConfig
 from .predictor import Predictor
 from .resident import Loading, ResidentSet
 
 
-def check_budget(config: PolicyConfig, costs: dict[str, int], budget: int, top_k: int) -> None:
-    need = minimum_working_set(config.ladder, costs, top_k)
+def check_budget(config: PolicyConfig, costs: EngineCosts, budget: int, top_k: int) -> None:
+    need = minimum_working_set(config.ladder, costs.resident, costs.scratch, top_k)
     if budget < need:
         lowest = min((p for p in config.ladder if p != SKIP), key=RANK.get)
         raise InputError(
             f"budget {budget / 2**20:.1f} MiB is below the minimum working set {need / 2**20:.1f} MiB "
-            f"(one layer's top-{top_k} experts at {lowest}, policy {config.name})",
+            f"(one layer's top-{top_k} experts at {lowest} and one more being built, policy {config.name})",
             "raise --budget, or use a lower-precision ladder",
         )
 
 
 class Orchestrator:
-    def __init__(self, bundle: Bundle, config: PolicyConfig, loader: Loader, costs: dict[str, int], budget: int,
+    def __init__(self, bundle: Bundle, config: PolicyConfig, loader: Loader, costs: EngineCosts, budget: int,
                  retention: list[float], predictor: Predictor | None = None,
                  priors: dict[Key, float] | None = None, on_note: Callable[[str], None] | None = None) -> None:
         self.bundle = bundle
@@ -55,58 +63,137 @@ class Orchestrator:
         self.resident = ResidentSet(budget=budget, eviction=config.eviction, priors=priors or {})
         self.c = RunCounters()
         self.predicted: dict[int, set[int]] = {}  # layer -> experts predicted for it at this token
+        self.memory = HeapGovernor(budget)
+        self.priors = priors or {}
         check_budget(config, costs, budget, self.spec.top_k)
-        if config.pin_fraction > 0 and priors:
-            self._pin_hot(priors)
+
+    def start(self) -> None:
+        """The backbone is loaded: note the base footprint, then pin calibration's hot experts."""
+        self.memory.start()
+        if self.config.pin_fraction > 0 and self.priors:
+            self._pin_hot(self.priors)
 
     def _pin_hot(self, priors: dict[Key, float]) -> None:
         """Load and pin the experts calibration found hottest, up to pin_fraction of the budget."""
         room = int(self.config.pin_fraction * self.resident.budget)
         p = self.config.ladder[0]
         for key in sorted(priors, key=lambda k: (-priors[k], k)):
-            if self.costs[p] > room:
+            if self.costs.resident[p] > room:
                 break
+            self.memory.before_load(self.costs.in_flight(p))
             self._insert(self.loader.load(key[0], key[1], p), prefetch=False).pinned = True
-            room -= self.costs[p]
+            room -= self.costs.resident[p]
 
     # --- the ExpertExecutor interface ---------------------------------------------------
 
     def run(self, step: LayerStep) -> np.ndarray:
         if step.layer == self.spec.moe_layers[0]:
             self.resident.tick()
-        for key in self.resident.finished():
-            self._finish(key)
+        self._land_finished()
         decode = step.phase == "decode"
         importance = step_importance(step.phase, step.experts, step.weights, step.attn_colsum,
                                      self.config.heavy_fraction)
         wanted = plan_precisions(importance, self.retention[step.layer], self.config.ladder)
         self._account_prediction(step)
-        if self.config.prefetch and self.predictor is not None:
-            self._prefetch(step)
+        self._cancel_stale(step.layer, {e for e, p in wanted.items() if p != SKIP})
         weights = step.weights
         kept = ~np.isin(step.experts, [e for e, p in wanted.items() if p == SKIP])
         if self.config.renormalize and not kept.all():
             weights = renormalise(weights, kept)
-        protect = {(step.layer, e) for e in wanted}  # this layer's experts stay while it runs
         for p in wanted.values():
             self.c.planned(step.layer, p)
+        self.c.skip(sum(p == SKIP for p in wanted.values()))
 
-        def forward(e: int, x: np.ndarray) -> np.ndarray | None:
-            if wanted[e] == SKIP:
-                self.c.skip()
-                return None
-            session = self._acquire((step.layer, e), wanted[e], decode, protect)
-            y = session.run([io.EXPERT_OUT], {io.EXPERT_IN: x})[0]
+        protect = {(step.layer, e) for e in wanted}  # this layer's experts stay while it runs
+        order = sorted((e for e, p in wanted.items() if p != SKIP), key=lambda e: (-importance[e], e))
+        ready: dict[int, object] = {}  # expert -> session to run now
+        pending: dict[Future, int] = {}  # a load in flight -> the expert waiting for it
+        deferred: list[int] = []  # no room to load beside the others: load after they ran
+        for e in order:
+            got = self._request((step.layer, e), wanted[e], protect)
+            if isinstance(got, Future):
+                pending[got] = e
+            elif got is None:
+                deferred.append(e)
+            else:
+                ready[e] = got
+        if self.config.prefetch and self.predictor is not None:
+            self._prefetch(step)
+
+        x = step.router_input
+        tokens = {e: tok for e, tok, _ in groups(step)}
+        outputs: dict[int, np.ndarray] = {}
+
+        def forward(e: int, session) -> None:
+            outputs[e] = session.run([io.EXPERT_OUT], {io.EXPERT_IN: x[tokens[e]]})[0]
             if not self.config.cache:
                 self.resident.evict((step.layer, e))
-            return y
 
-        return combine(step, forward, weights)
+        for e, session in ready.items():
+            forward(e, session)
+        while pending:
+            t = time.perf_counter()
+            done, _ = wait(list(pending), return_when=FIRST_COMPLETED)
+            self.c.stall(time.perf_counter() - t, decode)
+            for future in done:
+                e = pending.pop(future)
+                forward(e, self._collect((step.layer, e), wanted[e]))
+        for e in deferred:
+            t = time.perf_counter()
+            session = self._load_now((step.layer, e), wanted[e], protect - {(step.layer, d) for d in outputs}).session
+            self.c.stall(time.perf_counter() - t, decode)
+            forward(e, session)
+        return accumulate(step, outputs, weights)
 
     def close(self) -> None:
         self.loader.close()
         self.resident.resident.clear()
         self.resident.loading.clear()
+
+    # --- one expert's request -----------------------------------------------------------
+
+    def _request(self, key: Key, precision: str, protect: set[Key]):
+        """A session to run now, a Future of the load to wait for, or None (load later)."""
+        loading = self.resident.loading.get(key)
+        if loading is not None and RANK[loading.precision] >= RANK[precision]:
+            self.c.hit(key, loading.prefetch)  # a prefetch got here first; it may still stall
+            if loading.prefetch and self.loader.cancel(loading.future):  # still queued: move it ahead
+                loading.future = self.loader.submit(key[0], key[1], loading.precision, DEMAND)
+            loading.prefetch = False
+            return loading.future
+        if loading is not None:  # a lower copy is on its way: take it, then ask again
+            t = time.perf_counter()
+            self._land(key)  # a failure here is retried below like a miss
+            self.c.stall(time.perf_counter() - t, True)
+        resident = self.resident.get(key)
+        kind = classify(resident, precision)
+        if kind == HIT:
+            self.c.hit(key, resident.prefetched)
+            self.resident.touch(key)
+            return resident.session
+        if kind == PROMOTE and self.config.serve_lower_while_promoting:
+            self.c.miss(promotion=True, served_lower=True)
+            self._start_load(key, precision, PREFETCH, protect)
+            self.resident.touch(key)
+            return resident.session
+        self.c.miss(promotion=kind == PROMOTE)
+        if kind == PROMOTE:
+            self.resident.evict(key)  # we wait for the higher copy anyway: free the lower one first
+        started = self._start_load(key, precision, DEMAND, protect)
+        return self.resident.loading[key].future if started else None
+
+    def _collect(self, key: Key, precision: str):
+        """Wait for ``key``'s load, make it resident, and return its session (falling back to
+        another precision, if the policy allows, when the load failed)."""
+        loaded = self._land(key)
+        if isinstance(loaded, DymoeError):
+            t = time.perf_counter()
+            self.resident.evict(key)
+            loaded = self._fallback(key, precision, loaded)
+            self._insert(loaded, prefetch=False)
+            self.c.stall(time.perf_counter() - t, True)
+        self.resident.touch(key)
+        return loaded.session
 
     # --- look-ahead ---------------------------------------------------------------------
 
@@ -114,6 +201,15 @@ class Orchestrator:
         predicted = self.predicted.pop(step.layer, None)
         if predicted is not None and step.phase == "decode":
             self.c.prediction(predicted, {int(e) for e in np.unique(step.experts)})
+
+    def _cancel_stale(self, layer: int, wanted: set[int]) -> None:
+        """Prefetches not yet started for this layer's unselected experts, or for layers already
+        passed, will not be used in time: drop them and free their reservation."""
+        for key, loading in list(self.resident.loading.items()):
+            stale = key[0] < layer or (key[0] == layer and key[1] not in wanted)
+            if loading.prefetch and stale and self.loader.cancel(loading.future):
+                self.resident.finish(key)
+                self.c.cancelled()
 
     def _prefetch(self, step: LayerStep) -> None:
         """Start loading what the next MoE layers' routing rules pick on this layer's state."""
@@ -132,82 +228,65 @@ class Orchestrator:
                 key = (target, e)
                 if classify(self.resident.get(key), p) == HIT or key in self.resident.loading:
                     continue
-                self._start_load(key, p, prefetch=True, protect=protect)
+                if self._start_load(key, p, PREFETCH + ahead - 1, protect):
+                    self.c.prefetch()
 
     # --- loading --------------------------------------------------------------------------
 
-    def _start_load(self, key: Key, precision: str, prefetch: bool, protect: set[Key]) -> bool:
-        """Load in the background; a lower copy stays resident (and usable) until this lands,
-        so both count against the budget meanwhile."""
-        cost = self.costs[precision]
+    def _start_load(self, key: Key, precision: str, priority: int, protect: set[Key]) -> bool:
+        """Queue a load; the budget holds the engine and its build scratch until it lands. A
+        lower copy stays resident (and usable) meanwhile, so both count."""
+        if key in self.resident.loading:
+            return True
+        cost = self.costs.in_flight(precision)
         victims = self.resident.victims(cost, protect | {key})
         if victims is None:
             return False
         for v in victims:
             self.resident.evict(v)
-        future = self.loader.submit(key[0], key[1], precision)
-        self.resident.start(key, Loading(precision, cost, future, prefetch))
-        if prefetch:
-            self.c.prefetch()
+        self.memory.before_load(cost)
+        future = self.loader.submit(key[0], key[1], precision, priority)
+        self.resident.start(key, Loading(precision, cost, future, priority != DEMAND))
         self.c.resident(self.resident.used)
         return True
 
-    def _finish(self, key: Key) -> Loaded | None:
-        loading = self.resident.finish(key)
+    def _land_finished(self) -> None:
+        for key in self.resident.finished():
+            if isinstance(error := self._land(key), DymoeError):  # whoever needs it will load it again
+                self.note(f"background load of expert {key[1]} in layer {key[0]} failed: {error.message}")
+
+    def _land(self, key: Key) -> Loaded | DymoeError:
+        """Wait for ``key``'s load and make it resident; a failed load raises, or with
+        ``on_load_error = "fallback"`` returns the error for the caller to handle."""
+        loading = self.resident.finish(key)  # single-threaded books: nothing decides while we wait
         try:
             loaded = loading.future.result()
         except DymoeError as e:
             self.c.load_error()
             if self.config.on_load_error != "fallback":
                 raise
-            # the request that needs it will load (or fall back) on demand
-            self.note(f"background load of expert {key[1]} in layer {key[0]} failed: {e.message}")
-            return None
+            return e
         self._insert(loaded, loading.prefetch)
         return loaded
 
     def _insert(self, loaded: Loaded, prefetch: bool):
-        r = self.resident.add((loaded.layer, loaded.expert), loaded.precision, self.costs[loaded.precision],
-                              loaded.session, prefetched=prefetch)
+        r = self.resident.add((loaded.layer, loaded.expert), loaded.precision,
+                              self.costs.resident[loaded.precision], loaded.session, prefetched=prefetch)
+        self.memory.before_load(0)  # the load's scratch is free now
         self.c.resident(self.resident.used)
         return r
 
-    def _acquire(self, key: Key, precision: str, decode: bool, protect: set[Key]):
-        """A session for ``key`` at ``precision`` or higher, loading (and stalling) if needed."""
-        lower_now = self.config.serve_lower_while_promoting and \
-            classify(self.resident.get(key), precision) == PROMOTE
-        if key in self.resident.loading and not lower_now:  # its load is in flight: wait (a stall)
-            t = time.perf_counter()
-            self._finish(key)
-            self.c.stall(time.perf_counter() - t, decode)
-        resident = self.resident.get(key)
-        kind = classify(resident, precision)
-        if kind == HIT:
-            self.c.hit(key, resident.prefetched)
-            self.resident.touch(key)
-            return resident.session
-        if kind == PROMOTE and self.config.serve_lower_while_promoting:
-            self.c.miss(promotion=True, served_lower=True)
-            if key not in self.resident.loading:
-                self._start_load(key, precision, prefetch=False, protect=protect)
-            self.resident.touch(key)
-            return resident.session
-        self.c.miss(promotion=kind == PROMOTE)
-        t = time.perf_counter()
-        session = self._load_now(key, precision, protect).session
-        self.c.stall(time.perf_counter() - t, decode)
-        self.resident.touch(key)
-        return session
-
     def _load_now(self, key: Key, precision: str, protect: set[Key]) -> Loaded:
-        self.resident.evict(key)  # a lower copy being promoted: we wait anyway, free it first
-        cost = self.costs[precision]
+        """Load in this thread (nothing else could make room earlier)."""
+        self.resident.evict(key)
+        cost = self.costs.in_flight(precision)
         victims = self.resident.victims(cost, protect)
         if victims is None:
             # the rest of the budget is held by this layer's other experts: let them go
             victims = self.resident.victims(cost, ()) or []
         for v in victims:
             self.resident.evict(v)
+        self.memory.before_load(cost)
         try:
             loaded = self.loader.load(key[0], key[1], precision)
         except DymoeError as e:
@@ -216,6 +295,7 @@ class Orchestrator:
                 raise
             loaded = self._fallback(key, precision, e)
         self._insert(loaded, prefetch=False)
+        self.resident.touch(key)
         return loaded
 
     def _fallback(self, key: Key, precision: str, error: DymoeError) -> Loaded:
@@ -248,7 +328,8 @@ class Orchestrator:
             "policy_config": dict(vars(self.config)),
             "retention_by_layer": self.retention,
             "budget_bytes": self.resident.budget,
-            "resident_cost_bytes": self.costs,
+            "resident_cost_bytes": self.costs.resident,
+            "build_scratch_bytes": self.costs.scratch,
             "storage": self.loader.storage.label,
             "emulated_storage": self.loader.storage.profile is not None,
             "bytes_read": t.bytes_read,
@@ -256,5 +337,9 @@ class Orchestrator:
             "loads": t.loads,
             "load_read_s": t.read_s,
             "load_create_s": t.create_s,
+            "load_busy_s": t.busy_s,
+            "load_throughput_bytes_per_s": t.bytes_read / t.busy_s if t.busy_s else None,
+            "memory_base_bytes": self.memory.base,
+            "heap_trims": self.memory.trims,
             **self.c.report(decode_tokens),
         }

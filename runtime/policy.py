@@ -18,10 +18,12 @@ from dymoe.bundle.errors import InputError
 from dymoe.bundle.precisions import RANK, SHORT, SKIP
 
 
-def minimum_working_set(ladder: Sequence[str], costs: dict[str, int], top_k: int) -> int:
-    """Bytes one layer's top-k experts need at the ladder's lowest precision (skip needs none)."""
-    steps = [p for p in ladder if p != SKIP]
-    return top_k * min(costs[p] for p in steps)
+def minimum_working_set(ladder: Sequence[str], resident: dict[str, int], scratch: dict[str, int],
+                        top_k: int) -> int:
+    """Bytes one layer's top-k experts need at the ladder's cheapest precision (skip needs none),
+    one of them still being built (its scratch counts until it lands)."""
+    p = min((p for p in ladder if p != SKIP), key=lambda p: resident[p] + scratch[p])
+    return top_k * resident[p] + scratch[p]
 
 
 def parse_ladder(text: str, available: Sequence[str]) -> list[str]:

@@ -36,7 +36,7 @@ class PolicyConfig:
     heavy_fraction: float = 0.1  # prefill: share of prompt tokens that count as heavy hitters
     pin_fraction: float = 0.0  # share of the budget pinned to calibration's hottest experts
     on_load_error: str = "error"  # or "fallback": use another precision of that expert
-    loader_workers: int = 1
+    loader_workers: int = 2  # one reads while another builds; ORT releases the GIL in both
 
 
 def preset(name: str, precisions: list[str], top: str | None = None) -> dict:

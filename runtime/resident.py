@@ -25,9 +25,10 @@ class Resident(Entry):
 @dataclass
 class Loading:
     precision: str
-    cost: int
+    cost: int  # reserved while in flight: the engine plus its build scratch
     future: Future
     prefetch: bool
+    file_bytes: int = 0
 
 
 @dataclass

@@ -3,13 +3,16 @@
 
 ``direct`` drops the file's cached pages (posix_fadvise DONTNEED) before each read, so every
 load pays for storage; O_DIRECT would need aligned buffers that Python cannot hand to ORT
-without a copy. Emulation sleeps for whatever the real read left of the profile's time.
+without a copy. Emulation sleeps for whatever the real read left of the profile's time, on one
+device for all threads: requests overlap their latency (a queue), but transfers share the
+bandwidth, so two loader threads do not get twice the profile's speed.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import threading
 import time
 from dataclasses import dataclass
 from importlib import resources
@@ -66,6 +69,7 @@ def load_profile(name_or_path: str) -> StorageProfile:
 class ReadResult:
     data: bytes
     seconds: float  # wall time of the read, emulation included
+    stamp: tuple[int, int, int, int]  # (device, inode, size, mtime_ns) of the file read
 
 
 class Storage:
@@ -74,6 +78,8 @@ class Storage:
             raise InputError(f"unknown --io {io!r}", f"choose {' or '.join(IO_MODES)}")
         self.io = io
         self.profile = profile
+        self._lock = threading.Lock()
+        self._free_at = 0.0  # when the emulated device finishes its queued transfers
 
     @property
     def label(self) -> str:
@@ -89,7 +95,8 @@ class Storage:
         try:
             if self.io == "direct":
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            size = os.fstat(fd).st_size
+            st = os.fstat(fd)
+            size = st.st_size
             chunks, left = [], size
             while left > 0:
                 chunk = os.read(fd, min(left, 1 << 24))
@@ -101,7 +108,10 @@ class Storage:
             os.close(fd)
         data = b"".join(chunks) if len(chunks) != 1 else chunks[0]
         if self.profile:
-            wait = self.profile.seconds(len(data)) - (time.perf_counter() - t0)
+            with self._lock:
+                start = max(t0 + self.profile.latency_ms / 1e3, self._free_at)
+                finish = self._free_at = start + len(data) / (self.profile.read_mb_per_s * 1e6)
+            wait = finish - time.perf_counter()
             if wait > 0:
                 time.sleep(wait)
-        return ReadResult(data, time.perf_counter() - t0)
+        return ReadResult(data, time.perf_counter() - t0, (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))

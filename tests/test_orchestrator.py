@@ -111,15 +111,29 @@ def _predictable_model(folder: Path) -> Path:
     return folder
 
 
-def test_prefetch_overlaps_loading(tmp_path):
+class _HeavyExpert:
+    """An expert session whose compute takes ``seconds`` (sleeping releases the GIL like ORT does),
+    so that there is compute for loads to hide behind."""
+
+    def __init__(self, session, seconds: float) -> None:
+        self.session, self.seconds = session, seconds
+
+    def run(self, *args, **kwargs):
+        time.sleep(self.seconds)
+        return self.session.run(*args, **kwargs)
+
+
+def test_prefetch_overlaps_loading(tmp_path, monkeypatch):
     src = _predictable_model(tmp_path / "src")
     bundle = tmp_path / "b"
     export(str(src), bundle, ExportOptions(precisions=("fp32",)))
-    slow = tmp_path / "slow.toml"
-    slow.write_text('name = "slow"\nread_mb_per_s = 20.0\nlatency_ms = 25.0\n')
+    real = loader_mod.create_session
+    monkeypatch.setattr(loader_mod, "create_session", lambda *a, **k: _HeavyExpert(real(*a, **k), 0.02))
+    slow = tmp_path / "slow.toml"  # a load takes about as long as a layer's experts compute
+    slow.write_text('name = "slow"\nread_mb_per_s = 20.0\nlatency_ms = 15.0\n')
     runs = {}
     for policy in ("lru", "lru-prefetch"):
-        run = PolicyRun(policy, "30%", storage_profile=str(slow), overrides={"loader_workers": 2})
+        run = PolicyRun(policy, "30%", storage_profile=str(slow))
         s = open_model(bundle, policy=run)
         try:
             r = s.generate_ids([int(t) for t in np.arange(1, 9)], max_new_tokens=10)
@@ -128,6 +142,7 @@ def test_prefetch_overlaps_loading(tmp_path):
             s.close()
     assert runs["lru-prefetch"]["prefetch_recall"] > 0.8
     assert runs["lru"]["emulated_storage"] and runs["lru-prefetch"]["load_read_s"] > 0
+    assert runs["lru-prefetch"]["prefetch_used"] > 0.8 * runs["lru-prefetch"]["prefetch_issued"]
     assert runs["lru-prefetch"]["stall_per_token_s"] < 0.7 * runs["lru"]["stall_per_token_s"]
 
 
