@@ -115,7 +115,9 @@ def measure_here(bundle_path: Path, form: str = "engine", samples: int = SAMPLES
         peak_over = 0
         for data in datas:
             tracked = _reset_peak()
-            keep.append(build(data, p))
+            copy = b"".join([data, b""])  # a fresh buffer, as the loader's read: part of the scratch
+            keep.append(build(copy, p))
+            del copy
             peak = _peak_rss()
             release_free_memory()  # the scratch is freed but stays in RSS until trimmed
             if tracked:

@@ -46,7 +46,14 @@ def session_options(threads: int, config: dict[str, str] | None = None, optimize
 def create_session(model_bytes: bytes, threads: int, label: str, config: dict[str, str] | None = None,
                    optimize: bool = True, save_optimized: str | None = None) -> ort.InferenceSession:
     try:
-        return ort.InferenceSession(model_bytes, session_options(threads, config, optimize, save_optimized),
-                                    providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(model_bytes, session_options(threads, config, optimize, save_optimized),
+                                       providers=["CPUExecutionProvider"])
     except Exception as e:  # ORT raises its own types for invalid graphs
         raise BundleError(f"ONNX Runtime cannot load {label}: {e}", "re-export the bundle") from None
+    # ORT's Python wrapper keeps the model bytes for as long as the session lives (its own
+    # source says "this is bad as we're holding the memory indefinitely"); they are only needed
+    # to rebuild the session with other providers, which we never do. Dropping them saves a whole
+    # file's worth of memory per resident engine (40 % of an int4 expert's footprint).
+    if getattr(session, "_model_bytes", None) is model_bytes:
+        session._model_bytes = None
+    return session
