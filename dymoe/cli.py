@@ -17,6 +17,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from dymoe.bundle.errors import DymoeError, InputError
@@ -81,9 +82,10 @@ def friendly(fn):
 
 
 def _fail(e: DymoeError):
-    err.print(f"[bold red]error:[/] {e.message}", highlight=False)
+    # escaped: a message may hold brackets that rich would read as markup ("pip install 'dymoe[serve]'")
+    err.print(f"[bold red]error:[/] {escape(e.message)}", highlight=False)
     if e.hint:
-        err.print(f"  [dim]hint:[/] {e.hint}", highlight=False)
+        err.print(f"  [dim]hint:[/] {escape(e.hint)}", highlight=False)
     raise typer.Exit(1) from None
 
 
@@ -331,7 +333,7 @@ def _policy_plan(precision: str | None, policy: str | None, budget: str, policy_
     return None if policy is None else PolicyRun(
         policy, budget, policy_config=policy_config, io=io, storage_profile=storage_profile,
         engine_cache=None if engine_cache == "off" else engine_cache, overrides=overrides,
-        on_note=lambda note: err.print(f"[yellow]warning:[/] {note}", highlight=False))
+        on_note=lambda note: err.print(f"[yellow]warning:[/] {escape(note)}", highlight=False))
 
 
 def _read_prompt(prompt: str | None, prompt_file: Path | None) -> str:

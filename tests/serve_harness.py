@@ -219,3 +219,40 @@ def run_load(base_url: str, model: str, prompts: list[str], clients: int = 16, r
     if any(t.is_alive() for t in threads):
         result.errors.append(("load", "a client did not finish in time"))
     return result
+
+
+class InProcessServer:
+    """An ``App`` served by uvicorn on a thread of this process (port picked by the kernel), for
+    tests that need to hold the model's hand: a load that waits, a generation that blocks."""
+
+    def __init__(self, app) -> None:
+        import uvicorn
+
+        from dymoe.serve.server import bind
+
+        self.sock = bind(LOOPBACK, 0)
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://{LOOPBACK}:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, lifespan="on", log_level="warning", http="h11"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self) -> InProcessServer:
+        self.thread.start()
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not self.server.started and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+        self.sock.close()
+
+
+def wait_until(predicate, timeout: float = 30.0, what: str = "condition") -> None:
+    """Poll ``predicate`` until it holds; the bound is generous, the test does not time anything."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
