@@ -225,7 +225,7 @@ class InProcessServer:
     """An ``App`` served by uvicorn on a thread of this process (port picked by the kernel), for
     tests that need to hold the model's hand: a load that waits, a generation that blocks."""
 
-    def __init__(self, app) -> None:
+    def __init__(self, app, drain_timeout_s: float | None = None) -> None:
         import uvicorn
 
         from dymoe.serve.server import bind
@@ -233,7 +233,8 @@ class InProcessServer:
         self.sock = bind(LOOPBACK, 0)
         self.port = self.sock.getsockname()[1]
         self.url = f"http://{LOOPBACK}:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, lifespan="on", log_level="warning", http="h11"))
+        self.server = uvicorn.Server(uvicorn.Config(app, lifespan="on", log_level="critical", http="h11",
+                                                    timeout_graceful_shutdown=drain_timeout_s))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     def __enter__(self) -> InProcessServer:

@@ -161,3 +161,22 @@ def test_a_failing_generation_is_a_500_and_the_server_stays_up(parts):
         assert events[-1] == "[DONE]"
         session.fail = False
         assert request(s.port, "POST", "/v1/completions", {"prompt": "x", "max_tokens": 1}).status == 200
+
+
+def test_requests_still_running_when_the_drain_times_out_end_cleanly(parts):
+    session = FakeSession()  # never finishes by itself
+    app, worker = make_app(parts, session)
+    server = InProcessServer(app, drain_timeout_s=0.2)
+    with server as s:
+        wait_until(lambda: request(s.port, "GET", "/health").status == 200, what="ready")
+        stream = post_raw(s.port, {"prompt": "a", "max_tokens": 50, "stream": True})
+        wait_until(session.started.is_set, what="the generation")
+        server.server.should_exit = True  # what SIGTERM does
+        received = b""
+        while not received.endswith(b"0\r\n\r\n"):  # the chunked stream's end
+            chunk = stream.recv(65536)
+            assert chunk, received
+            received += chunk
+    events = [e.strip() for e in received.split(b"\r\n") if e.startswith(b"data: ")]
+    assert json.loads(events[-2][6:])["error"]["code"] == "server_shutting_down" and events[-1] == b"data: [DONE]"
+    assert session.cancelled.is_set() and app.cut_off == 1

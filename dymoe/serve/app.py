@@ -41,14 +41,18 @@ class Reply:
     def __init__(self, send) -> None:
         self._send = send
         self.status: int | None = None
+        self.events = False  # a server-sent event stream
+        self.done = False
 
     async def start(self, status: int, content_type: str, headers: tuple[tuple[str, str], ...] = ()) -> None:
         self.status = status
+        self.events = content_type.startswith("text/event-stream")
         raw = [(b"content-type", content_type.encode())] + [(k.encode(), v.encode()) for k, v in headers]
         await self._send({"type": "http.response.start", "status": status, "headers": raw})
 
     async def body(self, data: bytes, more: bool = False) -> None:
         await self._send({"type": "http.response.body", "body": data, "more_body": more})
+        self.done = not more
 
     async def json(self, status: int, obj: dict, headers: tuple[tuple[str, str], ...] = ()) -> None:
         await self.start(status, "application/json", headers)
@@ -62,6 +66,16 @@ class Reply:
         data = obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)
         await self.body(f"data: {data}\n\n".encode(), more=data != "[DONE]")
 
+    async def close_with(self, e: ApiError) -> None:
+        """End the response with ``e``, however far it got (for a request cut off at shutdown)."""
+        if self.status is None:
+            await self.error(e)
+        elif self.events and not self.done:
+            await self.event({"error": e.payload()["error"]})
+            await self.event("[DONE]")
+        elif not self.done:
+            await self.body(b"")
+
 
 class App:
     def __init__(self, worker: Worker, preparer: Preparer, opts: ServeOptions, model_id: str,
@@ -72,6 +86,7 @@ class App:
         self.model_id = model_id
         self.metrics = metrics
         self.created = int(time.time())
+        self.cut_off = 0  # requests cancelled because the drain timeout ran out at shutdown
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "lifespan":
@@ -110,6 +125,10 @@ class App:
             await reply.error(e)
         except ClientGone:
             pass
+        except asyncio.CancelledError:  # uvicorn's drain timeout ran out: the job was withdrawn in _generate
+            self.cut_off += 1
+            await reply.close_with(ApiError(503, "the server shut down before this request finished",
+                                            "server_shutting_down"))
         except Exception:  # a bug: the client gets a 500 in the usual shape, the log the traceback
             log.exception("unexpected error answering %s %s", method, path)
             await reply.error(ApiError(500, "internal server error (see the server's log)", "internal_error"))

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from dymoe.runtime.policy_config import PolicyRun
+if TYPE_CHECKING:  # the CLI imports these defaults for --help: nothing heavy at import time
+    from dymoe.runtime.policy_config import PolicyRun
 
 HOST = "127.0.0.1"  # loopback: reachable from this device only, unless the user says otherwise
 PORT = 8000

@@ -151,7 +151,9 @@ def serve(bundle_path: Path, opts: ServeOptions, say: Callable[[str], None] = pr
         raise DymoeError(f"the model failed to load: {worker.error.__class__.__name__}: {worker.error}",
                          "check the bundle with dymoe info, or rerun with DYMOE_TRACEBACK=1") from worker.error
     if stopped_by:
-        say("dymoe serve: stopped (SIGTERM); running requests were finished first")
+        cut = f"{app.cut_off} requests still running after --drain-timeout were cancelled" if app.cut_off \
+            else "every request was finished first"
+        say(f"dymoe serve: stopped (SIGTERM); {cut}")
 
 
 def _load(bundle_path: Path, opts: ServeOptions, open_model, say: Callable[[str], None]):
