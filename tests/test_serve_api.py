@@ -179,3 +179,23 @@ def test_metrics_are_valid_prometheus_text(server, client):
     assert metric(text, "dymoe_completion_tokens_total") >= 4
     assert metric(text, "dymoe_time_to_first_token_seconds_count") >= 1
     assert metric(text, "dymoe_model_ready") == 1
+
+
+def test_under_a_memory_budget_the_cache_metrics_are_served(bundle, client, tmp_path):
+    """The same greedy answer from a server whose experts load under a budget (--policy lru,
+    all experts at the top precision), and its expert cache reported in /metrics."""
+    want = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=12, temperature=0)
+    with ServerProcess(bundle, "--model-name", MODEL, "--policy", "lru", "--budget", "30%",
+                       log=tmp_path / "server.log") as server:
+        server.wait_ready()
+        budgeted = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+        ids = budgeted.completions.create(model=MODEL, prompt=list(range(100, 106)), max_tokens=2).usage
+        assert ids.prompt_tokens == 6  # a prompt given as token ids
+        got = budgeted.completions.create(model=MODEL, prompt=PROMPT, max_tokens=12, temperature=0)
+        text = request(server.port, "GET", "/metrics").body.decode()
+    assert got.choices[0].text == want.choices[0].text
+    uses, hits = metric(text, "dymoe_expert_requests_total"), metric(text, "dymoe_expert_hits_total")
+    assert uses > 0 and 0 <= hits <= uses
+    assert metric(text, "dymoe_expert_cache_hit_ratio") == pytest.approx(hits / uses)
+    assert metric(text, "dymoe_expert_bytes_read_total") > 0
+    assert 0 < metric(text, "dymoe_expert_resident_bytes") <= metric(text, "dymoe_expert_budget_bytes")
