@@ -55,8 +55,9 @@ class Reply:
         self.done = not more
 
     async def json(self, status: int, obj: dict, headers: tuple[tuple[str, str], ...] = ()) -> None:
-        await self.start(status, "application/json", headers)
-        await self.body(json.dumps(obj).encode())
+        data = json.dumps(obj).encode()
+        await self.start(status, "application/json", (("content-length", str(len(data))), *headers))
+        await self.body(data)
 
     async def error(self, e: ApiError) -> None:
         if self.status is None:  # once a stream has begun, errors travel inside it
