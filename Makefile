@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test demo lint bench bench-export bench-decode bench-quant clean calibrate
+.PHONY: setup test demo lint bench bench-export bench-decode bench-quant bench-serve clean calibrate
 
 setup: $(STAMP)
 
@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev,hub,report]'
+	$(BIN)/pip install -q -e '.[dev,hub,report,serve]'
 	touch $(STAMP)
 
 test: setup
@@ -37,6 +37,11 @@ bench-export: setup
 
 bench-decode: setup
 	$(BIN)/python benchmarks/decode_speed.py
+
+# dymoe serve under load on loopback: 16 clients x 4 requests, completed / 429 / p50 / p99
+# (results/serve_load.json)
+bench-serve: setup
+	$(BIN)/python benchmarks/serve_load.py
 
 # rtn / hqq / gptq: demo held-out perplexity per precision, expert errors, export time, and
 # seconds + peak memory per expert at realistic shapes (results/quantizers.json)

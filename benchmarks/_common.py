@@ -41,8 +41,10 @@ def show(title: str, columns: list[str], rows: list[list]) -> None:
 
 
 def write_json(name: str, data: dict) -> Path:
+    from dymoe.bundle.fsutil import atomic_write_text
+
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"{name}.json"
-    path.write_text(json.dumps({"machine": machine(), **data}, indent=1) + "\n")
+    atomic_write_text(path, json.dumps({"machine": machine(), **data}, indent=1) + "\n")  # never half a file
     print(f"wrote {path}")
     return path

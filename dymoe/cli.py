@@ -17,6 +17,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from dymoe.bundle.errors import DymoeError, InputError
@@ -25,6 +26,7 @@ from dymoe.calibration import options as cal_defaults
 from dymoe.console import reporter
 from dymoe.demo import DEMO_BUDGET
 from dymoe.runtime import options as run_defaults
+from dymoe.serve import options as serve_defaults
 from dymoe.toolchain import options as export_defaults
 
 app = typer.Typer(
@@ -80,9 +82,10 @@ def friendly(fn):
 
 
 def _fail(e: DymoeError):
-    err.print(f"[bold red]error:[/] {e.message}", highlight=False)
+    # escaped: a message may hold brackets that rich would read as markup ("pip install 'dymoe[serve]'")
+    err.print(f"[bold red]error:[/] {escape(e.message)}", highlight=False)
     if e.hint:
-        err.print(f"  [dim]hint:[/] {e.hint}", highlight=False)
+        err.print(f"  [dim]hint:[/] {escape(e.hint)}", highlight=False)
     raise typer.Exit(1) from None
 
 
@@ -291,45 +294,88 @@ def _describe_attention(a) -> str:
     return f"{a.get('num_heads')} heads, {a.get('num_kv_heads')} kv heads, head_dim {a.get('head_dim')}"
 
 
+# Options shared by run and serve: how the experts are held (declared once, used by both)
+PrecisionOpt = Annotated[str | None, typer.Option(
+    help="Every expert resident at this precision (default: the bundle's highest). Not with --policy.")]
+PolicyOpt = Annotated[str | None, typer.Option(
+    help="Budgeted policy: ondemand, lru, lru-prefetch, static-int4, static-int2, dymoe.")]
+BudgetOpt = Annotated[str, typer.Option(
+    help="Memory for resident experts: a size (600MiB, 1.5GB) or a share of all experts at top precision.")]
+PolicyConfigOpt = Annotated[Path | None, typer.Option(help="TOML file with policy settings.")]
+LadderOpt = Annotated[str | None, typer.Option(help="Precision ladder, e.g. 4/2, 4/0, 8/4/2, fp16/4/0.")]
+RetentionOpt = Annotated[float | None, typer.Option(help="r: share of selected experts kept at the top step.")]
+ScheduleOpt = Annotated[str | None, typer.Option(help="Depth schedule of r: constant, cosine, calibrated.")]
+EvictionOpt = Annotated[str | None, typer.Option(help="lru, or priority (frequency + calibration priors).")]
+PrefetchOpt = Annotated[int | None, typer.Option(help="Look-ahead depth in layers (0, 1, 2).")]
+RenormalizeOpt = Annotated[bool | None, typer.Option(
+    "--renormalize/--no-renormalize", help="Rescale kept experts' weights when some are skipped.")]
+ServeLowerOpt = Annotated[bool | None, typer.Option(
+    "--serve-lower-while-promoting/--wait-for-promotion",
+    help="Use a resident lower-precision copy while the higher one loads.")]
+OnLoadErrorOpt = Annotated[str | None, typer.Option(help="error, or fallback to another precision.")]
+IoOpt = Annotated[str, typer.Option(help="cached, or direct (every load reads storage, not the page cache).")]
+StorageProfileOpt = Annotated[str | None, typer.Option(
+    help="Emulate a device's storage: orin-nano-nvme, orin-emmc, microsd, or a .toml file.")]
+EngineCacheOpt = Annotated[str, typer.Option(
+    help="Where ORT-optimised expert graphs are kept between loads: auto (user cache), a folder, or off.")]
+
+
+def _policy_plan(precision: str | None, policy: str | None, budget: str, policy_config: Path | None,
+                 overrides: dict, io: str, storage_profile: str | None, engine_cache: str):
+    """The budgeted run the options ask for, or None for every expert resident at one precision."""
+    from dymoe.runtime.policy_config import PolicyRun
+
+    if policy is None and (policy_config or any(v is not None for v in overrides.values())):
+        policy = "dymoe"
+    if policy is not None and precision is not None:
+        raise DymoeError("--precision and --policy exclude each other",
+                         "use --policy static-int4 (budgeted) or --precision int4 (all resident)")
+    return None if policy is None else PolicyRun(
+        policy, budget, policy_config=policy_config, io=io, storage_profile=storage_profile,
+        engine_cache=None if engine_cache == "off" else engine_cache, overrides=overrides,
+        on_note=lambda note: err.print(f"[yellow]warning:[/] {escape(note)}", highlight=False))
+
+
+def _read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
+    from dymoe.bundle.fsutil import read_user_text
+
+    if (prompt is None) == (prompt_file is None):
+        raise typer.BadParameter("give exactly one of them", param_hint="'--prompt' / '--prompt-file'")
+    if prompt is not None:
+        return prompt
+    text = sys.stdin.read() if str(prompt_file) == "-" else read_user_text(prompt_file, "--prompt-file")
+    # an editor ends a file with a newline the user did not mean as part of the prompt
+    return text[:-2] if text.endswith("\r\n") else text[:-1] if text.endswith("\n") else text
+
+
 @app.command()
 @friendly
 def run(
     bundle: Annotated[Path, typer.Argument(help="Bundle folder.")],
-    prompt: Annotated[str, typer.Option("--prompt", "-p", help="Text to continue.")],
+    prompt: Annotated[str | None, typer.Option("--prompt", "-p", help="Text to continue.")] = None,
+    prompt_file: Annotated[Path | None, typer.Option(
+        "--prompt-file", "-f", help="Read the prompt from this UTF-8 file (- for standard input); one final "
+                                    "newline is dropped.")] = None,
     max_new_tokens: Annotated[int, typer.Option(
         min=1, help="Tokens to generate at most.")] = run_defaults.MAX_NEW_TOKENS,
     temperature: Annotated[float, typer.Option(min=0.0, help="0 is greedy.")] = 0.0,
     top_p: Annotated[float, typer.Option(min=0.0, max=1.0, help="Nucleus sampling mass.")] = 1.0,
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
-    precision: Annotated[str | None, typer.Option(
-        help="Every expert resident at this precision (default: the bundle's highest). Not with --policy.")] = None,
-    policy: Annotated[str | None, typer.Option(
-        help="Budgeted policy: ondemand, lru, lru-prefetch, static-int4, static-int2, dymoe.")] = None,
-    budget: Annotated[str, typer.Option(
-        help="Memory for resident experts: a size (600MiB, 1.5GB) or a share of all experts at top precision.")]
-    = run_defaults.BUDGET,
-    policy_config: Annotated[Path | None, typer.Option(help="TOML file with policy settings.")] = None,
-    ladder: Annotated[str | None, typer.Option(help="Precision ladder, e.g. 4/2, 4/0, 8/4/2, fp16/4/0.")] = None,
-    retention: Annotated[float | None, typer.Option(help="r: share of selected experts kept at the top step.")]
-    = None,
-    schedule: Annotated[str | None, typer.Option(help="Depth schedule of r: constant, cosine, calibrated.")]
-    = None,
-    eviction: Annotated[str | None, typer.Option(help="lru, or priority (frequency + calibration priors).")]
-    = None,
-    prefetch: Annotated[int | None, typer.Option(help="Look-ahead depth in layers (0, 1, 2).")] = None,
-    renormalize: Annotated[bool | None, typer.Option(
-        "--renormalize/--no-renormalize", help="Rescale kept experts' weights when some are skipped.")] = None,
-    serve_lower: Annotated[bool | None, typer.Option(
-        "--serve-lower-while-promoting/--wait-for-promotion",
-        help="Use a resident lower-precision copy while the higher one loads.")] = None,
-    on_load_error: Annotated[str | None, typer.Option(help="error, or fallback to another precision.")] = None,
-    io: Annotated[str, typer.Option(help="cached, or direct (every load reads storage, not the page cache).")]
-    = "cached",
-    storage_profile: Annotated[str | None, typer.Option(
-        help="Emulate a device's storage: orin-nano-nvme, orin-emmc, microsd, or a .toml file.")] = None,
-    engine_cache: Annotated[str, typer.Option(
-        help="Where ORT-optimised expert graphs are kept between loads: auto (user cache), a folder, or off.")]
-    = "auto",
+    precision: PrecisionOpt = None,
+    policy: PolicyOpt = None,
+    budget: BudgetOpt = run_defaults.BUDGET,
+    policy_config: PolicyConfigOpt = None,
+    ladder: LadderOpt = None,
+    retention: RetentionOpt = None,
+    schedule: ScheduleOpt = None,
+    eviction: EvictionOpt = None,
+    prefetch: PrefetchOpt = None,
+    renormalize: RenormalizeOpt = None,
+    serve_lower: ServeLowerOpt = None,
+    on_load_error: OnLoadErrorOpt = None,
+    io: IoOpt = run_defaults.IO,
+    storage_profile: StorageProfileOpt = None,
+    engine_cache: EngineCacheOpt = run_defaults.ENGINE_CACHE,
     metrics_json: Annotated[Path | None, typer.Option(help="Write timings, counters, prompt and token ids here.")]
     = None,
 ) -> None:
@@ -340,34 +386,27 @@ def run(
 
     Examples:
       dymoe run bundles/q3 --prompt "The capital of France is" --max-new-tokens 32
+      dymoe run bundles/q3 --prompt-file long_prompt.txt --max-new-tokens 128
       dymoe run bundles/q3 -p "Once" --policy dymoe --budget 25% --io direct --storage-profile orin-nano-nvme
       dymoe run bundles/q3 -p "Once" --policy dymoe --ladder 8/4/2 --retention 0.75 --schedule cosine
     """
     from dymoe.bundle.fsutil import check_output_file
     from dymoe.runtime.model_session import open_model
-    from dymoe.runtime.policy_config import PolicyRun
     from dymoe.runtime.sampling import SamplingParams
 
+    text = _read_prompt(prompt, prompt_file)
     if metrics_json:
         check_output_file(metrics_json, "--metrics-json")
     overrides = dict(ladder=ladder, retention=retention, schedule=schedule, eviction=eviction, prefetch=prefetch,
                      renormalize=renormalize, serve_lower_while_promoting=serve_lower, on_load_error=on_load_error)
-    if policy is None and (policy_config or any(v is not None for v in overrides.values())):
-        policy = "dymoe"
-    if policy is not None and precision is not None:
-        raise DymoeError("--precision and --policy exclude each other",
-                         "use --policy static-int4 (budgeted) or --precision int4 (all resident)")
-    plan = None if policy is None else PolicyRun(
-        policy, budget, policy_config=policy_config, io=io, storage_profile=storage_profile,
-        engine_cache=None if engine_cache == "off" else engine_cache, overrides=overrides,
-        on_note=lambda note: err.print(f"[yellow]warning:[/] {note}", highlight=False))
+    plan = _policy_plan(precision, policy, budget, policy_config, overrides, io, storage_profile, engine_cache)
     sampling = SamplingParams(temperature, top_p, seed)  # checked before the bundle is opened
     with reporter(err) as progress:
         session = open_model(bundle, precision=precision, progress=progress, policy=plan)
     try:
-        result = session.generate(prompt, max_new_tokens=max_new_tokens, temperature=sampling.temperature,
+        result = session.generate(text, max_new_tokens=max_new_tokens, temperature=sampling.temperature,
                                   top_p=sampling.top_p, seed=sampling.seed,
-                                  stream=lambda text: (sys.stdout.write(text), sys.stdout.flush()))
+                                  stream=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
         sys.stdout.write("\n")
         metrics = session.metrics(result)
     finally:
@@ -377,6 +416,86 @@ def run(
         from dymoe.bundle.fsutil import atomic_write_text
 
         atomic_write_text(metrics_json, json.dumps(metrics, indent=1) + "\n")
+
+
+@app.command()
+@friendly
+def serve(
+    bundle: Annotated[Path, typer.Argument(help="Bundle folder.")],
+    host: Annotated[str, typer.Option(
+        help="Address to listen on: 127.0.0.1 is this device only; 0.0.0.0 every interface (set an API key).")]
+    = serve_defaults.HOST,
+    port: Annotated[int, typer.Option(help="TCP port (0: any free port, printed at start).")] = serve_defaults.PORT,
+    api_key: Annotated[str | None, typer.Option(
+        envvar=serve_defaults.API_KEY_ENV, show_envvar=True, show_default=False,
+        help="Require 'Authorization: Bearer KEY' on every request (the environment variable keeps the key "
+             "out of the process list).")] = None,
+    model_name: Annotated[str | None, typer.Option(
+        help="The model id clients pass as 'model' (default: the bundle folder's name).")] = None,
+    chat_template: Annotated[Path | None, typer.Option(
+        help="A Jinja chat template file to use instead of the bundle's.")] = None,
+    queue_size: Annotated[int, typer.Option(
+        help="Requests that may wait while one generates; more are answered 429 at once.")]
+    = serve_defaults.QUEUE_SIZE,
+    max_tokens: Annotated[int, typer.Option(
+        help="Most tokens one request may generate (and the default when it names none).")]
+    = serve_defaults.MAX_TOKENS,
+    max_prompt_tokens: Annotated[int | None, typer.Option(
+        help="Longest prompt in tokens (default: the model's context less one).", show_default=False)] = None,
+    max_body_bytes: Annotated[int, typer.Option(help="Largest request body; larger ones are answered 413.")]
+    = serve_defaults.MAX_BODY_BYTES,
+    drain_timeout: Annotated[float, typer.Option(
+        help="On SIGTERM, seconds that running and queued requests may take to finish.")]
+    = serve_defaults.DRAIN_TIMEOUT_S,
+    body_timeout: Annotated[float, typer.Option(help="Seconds a client may take to send its request body.")]
+    = serve_defaults.BODY_TIMEOUT_S,
+    max_connections: Annotated[int, typer.Option(help="Open connections at most; more are answered 503.")]
+    = serve_defaults.MAX_CONNECTIONS,
+    log_level: Annotated[str, typer.Option(help="critical, error, warning, info or debug.")] = "info",
+    access_log: Annotated[bool, typer.Option("--access-log/--no-access-log", help="Log one line per request.")]
+    = True,
+    precision: PrecisionOpt = None,
+    policy: PolicyOpt = None,
+    budget: BudgetOpt = run_defaults.BUDGET,
+    policy_config: PolicyConfigOpt = None,
+    ladder: LadderOpt = None,
+    retention: RetentionOpt = None,
+    schedule: ScheduleOpt = None,
+    eviction: EvictionOpt = None,
+    prefetch: PrefetchOpt = None,
+    renormalize: RenormalizeOpt = None,
+    serve_lower: ServeLowerOpt = None,
+    on_load_error: OnLoadErrorOpt = None,
+    io: IoOpt = run_defaults.IO,
+    storage_profile: StorageProfileOpt = None,
+    engine_cache: EngineCacheOpt = run_defaults.ENGINE_CACHE,
+) -> None:
+    """Serve a bundle over HTTP with OpenAI's API: POST /v1/chat/completions and /v1/completions
+    (streaming or not), GET /v1/models, /health (503 while loading) and /metrics (Prometheus).
+
+    One generation runs at a time; --queue-size more wait, and further requests get 429 at once.
+
+    SIGTERM (or Ctrl-C) stops accepting connections, lets running and queued requests finish
+    (up to --drain-timeout), and exits. Needs dymoe's "serve" extra (uvicorn, jinja2).
+
+    Examples:
+      dymoe serve bundles/q3
+      dymoe serve bundles/q3 --policy dymoe --budget 25% --port 8080
+      DYMOE_API_KEY=secret dymoe serve bundles/q3 --host 0.0.0.0
+      curl -s localhost:8000/v1/completions -d '{"prompt": "Once", "max_tokens": 16}'
+    """
+    from dymoe.serve.options import ServeOptions
+    from dymoe.serve.server import serve as run_server
+
+    overrides = dict(ladder=ladder, retention=retention, schedule=schedule, eviction=eviction, prefetch=prefetch,
+                     renormalize=renormalize, serve_lower_while_promoting=serve_lower, on_load_error=on_load_error)
+    plan = _policy_plan(precision, policy, budget, policy_config, overrides, io, storage_profile, engine_cache)
+    opts = ServeOptions(host=host, port=port, model_name=model_name, api_key=api_key or None,
+                        queue_size=queue_size, max_body_bytes=max_body_bytes, max_tokens=max_tokens,
+                        max_prompt_tokens=max_prompt_tokens, body_timeout_s=body_timeout,
+                        drain_timeout_s=drain_timeout, max_connections=max_connections, chat_template=chat_template,
+                        precision=precision, policy=plan, log_level=log_level, access_log=access_log)
+    run_server(bundle, opts, say=lambda line: err.print(line, highlight=False, markup=False))
 
 
 def _print_run_summary(m: dict) -> None:

@@ -33,7 +33,7 @@ def _digest(folder: Path) -> str:
     from dymoe.bundle.manifest import SCHEMA_VERSION
 
     h = hashlib.sha256(f"schema {SCHEMA_VERSION}".encode())  # a new bundle format exports anew
-    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
         h.update((folder / name).read_bytes())
     return h.hexdigest()[:16]
 

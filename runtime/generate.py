@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
@@ -20,12 +21,18 @@ class GenerationResult:
     token_ids: list[int]
     ttft_s: float  # prompt in -> first new token chosen (prefill + head + sampling)
     token_times_s: list[float] = field(default_factory=list)  # each later token's own time
-    stop_reason: str = "length"  # "length" | "eos" | "context"
+    stop_reason: str = "length"  # "length" | "eos" | "context" | "cancelled"
 
     @property
     def tpot_s(self) -> float:
         """Mean time per output token after the first (0 when only one token was made)."""
         return float(np.mean(self.token_times_s)) if self.token_times_s else 0.0
+
+
+class Cancel(Protocol):
+    """What stops a generation from outside (a ``threading.Event``): checked once per token."""
+
+    def is_set(self) -> bool: ...
 
 
 def check_prompt(n_prompt: int, context: int) -> None:
@@ -45,7 +52,11 @@ def generate(
     sampling: SamplingParams = SamplingParams(),
     eos_ids: list[int] | None = None,
     on_token: Callable[[int], None] | None = None,
+    cancel: Cancel | None = None,
 ) -> GenerationResult:
+    """Generate up to ``max_new_tokens`` after ``prompt_ids``. ``cancel`` (set from any thread,
+    or from ``on_token``) ends the generation before its next step, with stop reason
+    "cancelled": the cache and sessions stay consistent, unlike killing the thread."""
     context = model.spec.max_position_embeddings
     check_prompt(len(prompt_ids), context)
     eos = set(model.spec.eos_token_ids if eos_ids is None else eos_ids)
@@ -60,6 +71,9 @@ def generate(
     while True:
         if token in eos:
             result.stop_reason = "eos"
+            break
+        if cancel is not None and cancel.is_set():
+            result.stop_reason = "cancelled"
             break
         if len(result.token_ids) >= max_new_tokens:
             break

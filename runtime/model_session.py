@@ -14,7 +14,7 @@ from dymoe.bundle.progress import ProgressFn
 
 from .bundle import Bundle
 from .experts import ExpertExecutor, StaticExperts
-from .generate import GenerationResult, generate
+from .generate import Cancel, GenerationResult, generate
 from .memory import current_rss
 from .model import MoEModel
 from .policy_config import PolicyRun
@@ -33,11 +33,16 @@ class ModelSession:
     _rss_peak: int = 0  # highest RSS sampled after each token of the last generation
 
     def generate(self, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
-                 seed: int = 0, stream: Callable[[str], object] | None = None) -> GenerationResult:
-        return self.generate_ids(self.tokenizer.encode(prompt), max_new_tokens, temperature, top_p, seed, stream)
+                 seed: int = 0, stream: Callable[[str], object] | None = None,
+                 cancel: Cancel | None = None) -> GenerationResult:
+        return self.generate_ids(self.tokenizer.encode(prompt), max_new_tokens, temperature, top_p, seed, stream,
+                                 cancel)
 
     def generate_ids(self, ids: list[int], max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
-                     seed: int = 0, stream: Callable[[str], object] | None = None) -> GenerationResult:
+                     seed: int = 0, stream: Callable[[str], object] | None = None,
+                     cancel: Cancel | None = None) -> GenerationResult:
+        """``stream`` gets each piece of new text as it completes (whole characters only);
+        ``cancel`` (e.g. a ``threading.Event``) stops the generation before its next token."""
         decoder = self.tokenizer.stream()
         loader = self.orchestrator.loader if self.orchestrator else None
 
@@ -51,9 +56,8 @@ class ModelSession:
             if stream and text:
                 stream(text)
 
-        result = generate(self.model, ids, max_new_tokens, SamplingParams(temperature, top_p, seed),
-                          on_token=on_token)
-        return result
+        return generate(self.model, ids, max_new_tokens, SamplingParams(temperature, top_p, seed),
+                        on_token=on_token, cancel=cancel)
 
     def metrics(self, result: GenerationResult) -> dict:
         times = result.token_times_s
@@ -83,6 +87,19 @@ class ModelSession:
                                               decode_bytes=self.orchestrator.loader.totals.bytes_read
                                               - self._decode_bytes_from))
         return m
+
+    def totals(self) -> dict[str, int]:
+        """Counters since the session opened, for a long-running process (a server's metrics).
+        Read them from the thread that generates: the resident set is single-threaded."""
+        out = {"rss_bytes": current_rss()}
+        orch = self.orchestrator
+        if orch is None:  # every expert resident at one precision: no cache, nothing read later
+            out["expert_resident_bytes"] = getattr(self.model.experts, "resident_file_bytes", 0)
+            return out
+        out.update(expert_requests=orch.c.requests, expert_hits=orch.c.hits,
+                   expert_bytes_read=orch.loader.totals.bytes_read, expert_loads=orch.loader.totals.loads,
+                   expert_resident_bytes=orch.resident.used, expert_budget_bytes=orch.resident.budget)
+        return out
 
     def close(self) -> None:
         if self.orchestrator is not None:

@@ -2,6 +2,8 @@
 
 MAX_NEW_TOKENS = 64
 BUDGET = "100%"  # of every expert resident at the bundle's top precision
+IO = "cached"  # or "direct": every expert load reads storage, not the page cache
+ENGINE_CACHE = "auto"  # ORT-optimised expert graphs in the user cache
 BENCH_POLICIES = "ondemand,lru,lru-prefetch,static-int4,dymoe"
 BENCH_BUDGET = "25%"
 BENCH_NEW_TOKENS = 32

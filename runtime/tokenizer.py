@@ -15,13 +15,15 @@ class TextTokenizer:
     def __init__(self, path: Path) -> None:
         self._tok = Tokenizer.from_file(str(path))
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """``add_special_tokens=False`` for text a chat template rendered: the template already
+        wrote the special tokens it wants (as transformers' ``apply_chat_template`` does)."""
         try:
             text.encode("utf-8")
         except UnicodeEncodeError as e:  # bytes the shell could not decode arrive as lone surrogates
             raise InputError(f"the text is not valid UTF-8 (an undecodable byte at character {e.start})",
                              "pass the prompt as UTF-8 text") from None
-        return self._tok.encode(text, add_special_tokens=True).ids
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)

@@ -43,6 +43,16 @@ import time
 from pathlib import Path
 
 EOS = "<|endoftext|>"
+# a plain question/answer layout for `dymoe serve`'s chat endpoint (the model is not chat-tuned)
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] }}\n\n"
+    "{% elif message['role'] == 'user' %}Question: {{ message['content'] }}\n"
+    "{% elif message['role'] == 'assistant' %}Answer: {{ message['content'] }}{{ eos_token }}\n"
+    "{% else %}{{ raise_exception('the demo model knows the roles system, user and assistant') }}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}Answer:{% endif %}"
+)
 
 # --------------------------------------------------------------------------------------------
 # Corpus (runs in a child ``python -I -S``: standard library only, no site-packages)
@@ -548,6 +558,9 @@ def train(args) -> None:
     fast = tf.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=EOS,
                                       model_max_length=args.max_positions)
     fast.save_pretrained(out)
+    config_path = out / "tokenizer_config.json"  # the template in the config, where older readers look too
+    tok_config = json.loads(config_path.read_text()) | {"chat_template": CHAT_TEMPLATE}
+    config_path.write_text(json.dumps(tok_config, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
     (out / "heldout.txt").write_text(heldout_blob, encoding="utf-8")
     (out / "prompts.txt").write_text("\n".join(PROMPTS) + "\n", encoding="utf-8")
 
@@ -722,7 +735,8 @@ text.
 prefix space and decoder, `BpeTrainer`, vocab {a['vocab']}, min frequency 2) on the training split
 only. `{EOS}` is id 0, the only special token; it separates documents and is the config's
 `eos_token_id`. There is no bos token (`bos_token_id` null). `tokenizer_config.json` makes it
-loadable with `AutoTokenizer`.
+loadable with `AutoTokenizer` and holds a plain question/answer chat template
+(`Question: ...` / `Answer:`) for `dymoe serve`'s chat endpoint; the model is not chat-tuned.
 
 ## Training
 

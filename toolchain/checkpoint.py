@@ -20,6 +20,7 @@ TOKENIZER_FILES = (
     "tokenizer_config.json",
     "special_tokens_map.json",
     "generation_config.json",
+    "chat_template.jinja",  # transformers >= 4.47 keeps the chat template here, not in the config
 )
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -45,7 +46,7 @@ def resolve_model_path(model: str) -> Path:
         ) from None
     try:
         local = snapshot_download(
-            model, allow_patterns=["*.json", "*.safetensors", "tokenizer*"]
+            model, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "chat_template.jinja"]
         )
     except Exception as e:  # network, auth, missing repo: all user-actionable
         raise CheckpointError(
