@@ -36,13 +36,18 @@ def quantized_matrices(model: onnx.ModelProto) -> dict[str, QuantizedMatrix]:
         if node.op_type == "MatMulNBits":
             out[proj] = _nbits_matrix(node, init, proj)
         elif node.op_type == "DequantizeLinear":
-            q = init[f"{proj}_w"].astype(np.uint8)
-            K, N = q.shape
-            bits = 8 if protos[f"{proj}_w"].data_type == onnx.TensorProto.UINT8 else 4
+            kind = protos[f"{proj}_w"].data_type
+            bits = 8 if kind in (onnx.TensorProto.UINT8, onnx.TensorProto.INT8) else 4
             block = next(onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == "block_size")
-            out[proj] = QuantizedMatrix(q=q, scale=init[f"{proj}_scale"].astype(np.float32),
-                                        zero_point=init[f"{proj}_zero_point"].astype(np.uint8),
-                                        bits=bits, block_size=block, K=K, N=N)
+            scale = init[f"{proj}_scale"].astype(np.float32)  # fp16 scales are exact in float32
+            if f"{proj}_zero_point" in init:
+                q, zp = init[f"{proj}_w"].astype(np.uint8), init[f"{proj}_zero_point"].astype(np.uint8)
+            else:  # symmetric signed codes (trt_graph.py): kept as q = c + 2^(bits-1), zero point 2^(bits-1)
+                offset = 1 << (bits - 1)
+                q = (init[f"{proj}_w"].astype(np.int16) + offset).astype(np.uint8)
+                zp = np.full(scale.shape, offset, dtype=np.uint8)
+            K, N = q.shape
+            out[proj] = QuantizedMatrix(q=q, scale=scale, zero_point=zp, bits=bits, block_size=block, K=K, N=N)
     return out
 
 
