@@ -55,10 +55,14 @@ def expert_weights(model: onnx.ModelProto) -> tuple[np.ndarray, np.ndarray, np.n
     """Float32 torch-layout ``(gate, up, down)`` of an expert graph at any precision."""
     init = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     quantized = quantized_matrices(model)
+    fp16_scales = {t.name[:-len("_scale")] for t in model.graph.initializer
+                   if t.name.endswith("_scale") and t.data_type == onnx.TensorProto.FLOAT16}
     out = []
     for proj in _PROJS:
         if proj in quantized:
             w_kn = dequantize(quantized[proj])
+            if proj in fp16_scales:  # DequantizeLinear returns the product in the scale's type
+                w_kn = w_kn.astype(np.float16).astype(np.float32)
         elif f"{proj}_w" in init:
             w_kn = init[f"{proj}_w"].astype(np.float32)
         else:

@@ -13,7 +13,7 @@ from dymoe.bundle.precisions import BITS, FORMAT_PRECISIONS, FORMATS
 
 from .expert_graph import ExpertQuantStats, build_expert_model, reference_forward
 from .quantizers import QuantizerOptions, quantize_expert
-from .symmetric import quantize_sym_int4
+from .symmetric import effective, quantize_sym_int4
 from .trt_graph import build_fp16_model, trt_block
 
 SYMMETRIC_QUANTIZERS = ("rtn", "hqq")  # what the symmetric int4 form can be quantized with (no gptq yet)
@@ -66,9 +66,7 @@ def _symmetric_int4(gate, up, down, quantizer: QuantizerOptions, name: str, inpu
     x = getattr(inputs, "x", inputs)  # a quantizers.RoutedInputs or an array of routed rows
     routed = None
     if x is not None and len(x):
-        from .blockquant import dequantize
-
         y = reference_forward(x, gate, up, down)
-        yq = reference_forward(x, *(dequantize(mats[p]).T for p in ("gate", "up", "down")))
+        yq = reference_forward(x, *(effective(mats[p]).T for p in ("gate", "up", "down")))
         routed = float(np.linalg.norm(y - yq) / max(float(np.linalg.norm(y)), 1e-30))
     return Variant(model, stats, quantizer.name, None, None if x is None else int(len(x)), routed)

@@ -8,8 +8,10 @@ Per block and column one scale ``s`` (stored as fp16) and no zero point:
 repository's usual :class:`QuantizedMatrix` (unsigned ``q = c + 8``, ``zero_point = 8``), so the
 error statistics, ``dequantize`` and the tests need nothing new; the graph writes ``q - 8`` as INT4.
 
-The scale is rounded to fp16 *before* the codes are chosen, so that what the graph computes,
-``fp16(s) * c``, is exactly what was optimised (no second rounding after the fact).
+The scale is rounded to fp16 *before* the codes are chosen, so the codes are the best ones for
+the scale actually stored. ``DequantizeLinear`` returns its product in the scale's type, so the
+graph multiplies by ``fp16(c * s)``: one more rounding of at most 2^-11 of the weight, far below
+the INT4 step (:func:`effective` gives exactly these weights).
 
 * ``rtn``: ``s = max|w| / 7`` (the range [-7, 7] covers the block; -8 is only reached by rounding).
 * ``hqq`` (data-free, like ``hqq.py``'s range search for the asymmetric form): ``max|w|`` shrunk by
@@ -26,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .blockquant import QuantizedMatrix, block_slabs
+from .blockquant import QuantizedMatrix, block_slabs, dequantize
 
 BITS = 4
 OFFSET = 8  # unsigned code = signed code + 8 (the "zero point" of QuantizedMatrix)
@@ -125,6 +127,12 @@ def quantize_sym_int4(w: np.ndarray, block_size: int, how: str = "hqq",
         scale[b0:b1] = s
     return QuantizedMatrix(q=q, scale=scale, zero_point=np.full((nb, N), OFFSET, dtype=np.uint8), bits=BITS,
                            block_size=block_size, K=K, N=N)
+
+
+def effective(qm: QuantizedMatrix) -> np.ndarray:
+    """float32 ``[K, N]`` weights the graph computes with: ``fp16(c * s)``, as DequantizeLinear with
+    fp16 scales returns them (the float32 product is exact, so one rounding to fp16 matches it)."""
+    return dequantize(qm).astype(np.float16).astype(np.float32)
 
 
 def signed_codes(qm: QuantizedMatrix) -> np.ndarray:

@@ -23,9 +23,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .blockquant import QuantizedMatrix, dequantize, pack_codes
+from .blockquant import QuantizedMatrix, pack_codes
 from .expert_graph import ExpertQuantStats, probe_input, reference_forward
 from .onnx_build import IR_VERSION, OPSET
+from .symmetric import effective as effective_weights
 from .symmetric import signed_codes
 
 TRT_BLOCKS = (128, 64)  # preferred first
@@ -71,7 +72,7 @@ def build_fp16_model(gate, up, down, precision: str, quantized: dict[str, Quanti
             inits += i
             nodes += n
             b = f"{proj}_w_dq"
-            effective[proj] = dequantize(qm)
+            effective[proj] = effective_weights(qm)
         nodes.append(helper.make_node("MatMul", [a, b], [out], name=f"{proj}_matmul"))
         if proj == "up":  # silu(g) = g * sigmoid(g), then * up: fused by ORT (QuickGelu) and TensorRT alike
             nodes += [helper.make_node("Sigmoid", ["gate"], ["gate_sigmoid"], name="gate_sigmoid"),
