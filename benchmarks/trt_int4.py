@@ -102,27 +102,29 @@ def main() -> None:
     from dymoe.targets.devices import load_device
 
     root = CACHE / "trt_int4"
-    bundles: dict[str, tuple[Path, str]] = {}
+    bundles: dict[tuple[str, str], tuple[Path, str]] = {}  # (form, quantizer) -> (bundle, precision)
     for how in ("rtn", "hqq"):
         portable = export_demo(root / f"portable-{how}", how, "ort", ("fp32", "int4"))
-        bundles[f"asymmetric b32 ({how})"] = (portable, "int4")
         trt = export_demo(root / f"tensorrt-{how}", how, "tensorrt", ("fp32", "int4"))
-        blocks = sorted({b for c in check_bundle(trt) if c.precision == "int4" for b in c.blocks})
-        bundles[f"symmetric b{'/'.join(map(str, blocks))} fp16, export --target tensorrt ({how})"] = (trt, "int4")
-        bundles[f"symmetric b128 fp16, short blocks ({how})"] = (symmetric_bundle(portable, root / f"sym128-{how}", 128,
-                                                                                   how), "int4")
-    bundles = {"fp32 (reference)": (bundles["asymmetric b32 (hqq)"][0], "fp32"), **bundles}
+        blocks = "/".join(str(b) for c in check_bundle(trt) if c.precision == "int4" for b in c.blocks)
+        if how == "rtn":
+            bundles[("fp32 (reference)", "-")] = (portable, "fp32")
+        bundles[("portable int4: asymmetric, block 32", how)] = (portable, "int4")
+        bundles[(f"--target tensorrt int4: symmetric, block {blocks}", how)] = (trt, "int4")
+        bundles[("symmetric, block 128 (short last blocks)", how)] = (
+            symmetric_bundle(portable, root / f"sym128-{how}", 128, how), "int4")
 
-    ids = TextTokenizer(Bundle(bundles["fp32 (reference)"][0]).tokenizer_path()).encode(
+    ids = TextTokenizer(Bundle(root / "portable-rtn").tokenizer_path()).encode(
         (demo_model_dir() / "heldout.txt").read_text())
     modes = [False] if args.no_exact else [False, True]
     rows, out, ref = [], [], {}
     orin = load_device("orin-nano-8gb")
-    for label, (bundle, precision) in bundles.items():
+    for (label, how), (bundle, precision) in bundles.items():
         m = read_manifest(bundle)
         check = {c.precision: c for c in check_bundle(bundle, orin)}[precision]
         vs = [e.variants[precision] for e in m.experts]
-        row = {"form": label, "format": m.quantization.formats[precision], "tensorrt": check.verdicts["tensorrt"].ok,
+        row = {"form": label, "quantizer": how, "format": m.quantization.formats[precision],
+               "tensorrt": check.verdicts["tensorrt"].ok,
                "weight_rel_error": float(np.mean([v.weight_rel_error for v in vs])),
                "expert_bytes": sum(m.files[v.path].bytes for v in vs)}
         for exact in modes:
@@ -138,13 +140,13 @@ def main() -> None:
             row[f"seconds_{key}"] = secs
             row["tokens"] = r.tokens
         out.append(row)
-        rows.append([label, row["format"], "yes" if row["tensorrt"] else "no", f"{row['weight_rel_error']:.4f}",
+        rows.append([label, how, "yes" if row["tensorrt"] else "no", f"{row['weight_rel_error']:.4f}",
                      f"{row['expert_bytes'] / 2**20:.2f}",
                      *[f"{row['ppl_' + k]:.3f} ({row['ppl_' + k + '_vs_fp32_pct']:+.2f} %)"
                        for k in (["default"] if args.no_exact else ["default", "exact"])]])
-    cols = ["experts at", "format", "TensorRT runs it", "weight err", "MiB", "ppl (default CPU kernels)"]
+    cols = ["every expert at", "quantizer", "TensorRT", "weight err", "MiB", "ppl, default CPU kernels"]
     if not args.no_exact:
-        cols.append("ppl (exact arithmetic)")
+        cols.append("ppl, exact arithmetic")
     show(f"demo model, held-out perplexity over {out[0]['tokens']:,} tokens (windows of {WINDOW})", cols, rows)
     write_json("trt_int4", {"window": WINDOW, "windows": args.windows, "rows": out})
 

@@ -42,7 +42,7 @@ class Bundle:
         """What the session factory needs to know of an expert graph to place it: the target, the
         manifest's format of ``precision``, the width, and the graph's sha256 (prebuilt engines)."""
         return dict(target=self.target, expert_format=self.manifest.quantization.formats[precision],
-                    hidden_size=self.spec.hidden_size, key=self.manifest.files[rel].sha256)
+                    hidden_size=self.spec.hidden_size, key=self.manifest.files[rel].sha256, precision=precision)
 
     def expert_rel(self, layer: int, expert: int, precision: str) -> str:
         try:

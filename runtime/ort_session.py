@@ -16,7 +16,7 @@ import os
 import onnxruntime as ort
 
 from dymoe.bundle.errors import BundleError
-from dymoe.targets.providers import CPU_TARGET, CUDA, TENSORRT, ExecutionTarget, providers_for, session_config
+from dymoe.targets.providers import CPU, CPU_TARGET, CUDA, TENSORRT, ExecutionTarget, providers_for, session_config
 
 
 def backbone_threads() -> int:
@@ -65,12 +65,13 @@ def _shared_arena(device_id: int) -> bool:
 
 def create_session(model_bytes: bytes, threads: int, label: str, config: dict[str, str] | None = None,
                    optimize: bool = True, save_optimized: str | None = None, *, target: ExecutionTarget | None = None,
-                   expert_format: str | None = None, hidden_size: int = 0, key: str | None = None):
+                   expert_format: str | None = None, hidden_size: int = 0, key: str | None = None,
+                   precision: str | None = None):
     """A session for ``model_bytes`` on ``target`` (default: the CPU). ``expert_format`` (the
     manifest's format of an expert graph, None for the backbone) and ``hidden_size`` choose the
     providers; ``key`` (the graph's sha256) finds a prebuilt TensorRT engine (dymoe build-engines)."""
     target = target or CPU_TARGET
-    providers = providers_for(target, expert_format, hidden_size)
+    providers = providers_for(target, expert_format, hidden_size, precision)
     if not target.is_cpu:
         from .device import check_device
 
@@ -90,7 +91,7 @@ def create_session(model_bytes: bytes, threads: int, label: str, config: dict[st
                                        provider_options=[options for _, options in providers])
     except Exception as e:  # ORT raises its own types for invalid graphs
         raise BundleError(f"ONNX Runtime cannot load {label}: {e}", "re-export the bundle") from None
-    if not target.is_cpu and providers[0][0] not in session.get_providers():
+    if providers[0][0] != CPU and providers[0][0] not in session.get_providers():
         from .device import failed_start
 
         raise failed_start(target.device, session.get_providers(), None)

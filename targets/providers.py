@@ -3,7 +3,9 @@ graph gets. The only module that names a provider; ``runtime/ort_session.py`` is
 factory that uses it. Pure: nothing here imports onnxruntime.
 
 * ``cpu``: every graph on ``CPUExecutionProvider`` (what dymoe always did).
-* ``cuda``: every graph on ``CUDAExecutionProvider``, CPU behind it for any node CUDA lacks.
+* ``cuda``: every graph on ``CUDAExecutionProvider``, CPU behind it for any node CUDA lacks;
+  MatMulNBits experts of a bit width the device's onnxruntime-gpu has no CUDA kernel for (2-bit
+  on the Orin profiles) on the CPU alone, as ``dymoe check`` reports.
 * ``tensorrt``: expert graphs whose format TensorRT runs (``float``, ``float16``,
   ``qdq_sym_int4_fp16``) on ``TensorrtExecutionProvider``, then CUDA, then CPU; every other graph
   (MatMulNBits int8/int2 experts, asymmetric QDQ, and the backbone, whose KV-cache inputs change
@@ -19,7 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dymoe.bundle.precisions import BITS
+
 from .devices import DeviceProfile, EngineShapes
+from .rules import CUDA_NBITS
 
 DEVICES = ("cpu", "cuda", "tensorrt")
 DEVICE = "cpu"  # the default of --device
@@ -100,10 +105,14 @@ def tensorrt_options(target: ExecutionTarget, hidden_size: int) -> dict[str, Any
     return opts
 
 
-def providers_for(target: ExecutionTarget, expert_format: str | None = None, hidden_size: int = 0) -> Providers:
+def providers_for(target: ExecutionTarget, expert_format: str | None = None, hidden_size: int = 0,
+                  precision: str | None = None) -> Providers:
     """The providers (in order, with options) of one graph: an expert graph of manifest format
-    ``expert_format`` and width ``hidden_size``, or the backbone (``expert_format`` None)."""
+    ``expert_format``, width ``hidden_size`` and ``precision``, or the backbone (``expert_format`` None)."""
     if target.is_cpu:
+        return [(CPU, {})]
+    cuda_bits = target.profile.capabilities.cuda_matmulnbits_bits if target.profile else CUDA_NBITS
+    if expert_format == "matmulnbits" and precision in BITS and BITS[precision] not in cuda_bits:
         return [(CPU, {})]
     chain: Providers = [(CUDA, cuda_options(target)), (CPU, {})]
     if target.device == "tensorrt" and expert_format in TENSORRT_FORMATS:

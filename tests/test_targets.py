@@ -97,11 +97,22 @@ def test_unknown_profile_lists_the_shipped_ones():
     ("tensorrt", "float16", [TENSORRT, CUDA, CPU]),
     ("tensorrt", "qdq_sym_int4_fp16", [TENSORRT, CUDA, CPU]),
     ("tensorrt", "qdq", [CUDA, CPU]),  # asymmetric UINT4 / 8-bit: TensorRT cannot
-    ("tensorrt", "matmulnbits", [CUDA, CPU]),  # a contrib op: CUDA's MatMulNBits
+    ("tensorrt", "matmulnbits", [CUDA, CPU]),  # a contrib op: CUDA's MatMulNBits (int8)
 ])
 def test_which_providers_each_graph_gets(device, fmt, want):
     assert fmt is None or fmt in KNOWN_FORMATS
-    assert [name for name, _ in providers_for(ExecutionTarget(device), fmt, 64)] == want
+    assert [name for name, _ in providers_for(ExecutionTarget(device), fmt, 64, "int8")] == want
+
+
+@pytest.mark.parametrize("profile, precision, want", [
+    (None, "int2", [CPU]),  # no 2-bit CUDA kernel in current onnxruntime-gpu releases
+    ("orin-nano-8gb", "int2", [CPU]),
+    ("orin-nano-8gb", "int8", [CUDA, CPU]),
+    ("orin-nano-8gb", "int4", [CUDA, CPU]),
+])
+def test_matmulnbits_without_a_cuda_kernel_runs_on_the_cpu(profile, precision, want):
+    target = ExecutionTarget("cuda", load_device(profile) if profile else None)
+    assert [name for name, _ in providers_for(target, "matmulnbits", 64, precision)] == want
 
 
 def test_tensorrt_options_as_documented(tmp_path):
