@@ -613,19 +613,20 @@ def build_engines(
 
     Example: dymoe build-engines bundles/qwen3-trt --target orin-nano-8gb
     """
-    from dymoe.runtime.trt_build import TensorRTBuilder, read_timing_cache
+    from dymoe.bundle.manifest import read_manifest
+    from dymoe.runtime.trt_build import TensorRTBuilder, plan, read_timing_cache
     from dymoe.runtime.trt_build import build_engines as run_build
     from dymoe.runtime.trt_engines import default_dir
     from dymoe.targets.devices import load_device
 
     profile = load_device(target)
+    wanted = tuple(p.strip() for p in precisions.split(",") if p.strip())
+    plan(read_manifest(bundle), wanted)  # the bundle's own problems first, even where tensorrt is missing
     folder = out_dir or default_dir(profile.name)
     builder = TensorRTBuilder(read_timing_cache(folder))
     try:
         with reporter(err) as progress:
-            report = run_build(bundle, folder, profile, builder,
-                               tuple(p.strip() for p in precisions.split(",") if p.strip()), optimization_level,
-                               progress=progress)
+            report = run_build(bundle, folder, profile, builder, wanted, optimization_level, progress=progress)
     except KeyboardInterrupt:
         raise DymoeError(f"build-engines into {folder} interrupted; finished engines are kept",
                          "rerun the same command to resume") from None

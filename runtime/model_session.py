@@ -113,10 +113,12 @@ def open_model(path: Path, precision: str | None = None, experts: ExpertExecutor
         return ModelSession(bundle, model, tokenizer, f"policy {policy.policy}", orch)
     precision = precision or bundle.precisions[0]
     if experts is None and bundle.target.profile is not None:  # every expert resident: does it fit the device?
-        from .device_memory import check_fits
+        from .device_memory import check_fits, device_costs
 
-        m = bundle.manifest
-        check_fits(m, bundle.target.profile, sum(m.files[e.variants[bundle.check_precision(precision)].path].bytes
-                                                 for e in m.experts), f"every expert at {precision}")
+        m, target = bundle.manifest, bundle.target
+        bundle.check_precision(precision)
+        need = (sum(m.files[e.variants[precision].path].bytes for e in m.experts) if target.is_cpu  # at least
+                else device_costs(m, target)[precision] * len(m.experts))
+        check_fits(m, target.profile, need, f"every expert at {precision}")
     model = MoEModel(bundle, experts or StaticExperts(bundle, precision, progress=progress))
     return ModelSession(bundle, model, tokenizer, precision)

@@ -186,3 +186,107 @@ def test_check_command_prints_and_writes_the_table(trt_bundle, tmp_path):
     assert data["target"] == "orin-nano-8gb"
     assert rows["int4"]["best"] == "tensorrt" and rows["int8"]["best"] == "cuda" and rows["int2"]["best"] == "cpu"
     assert rows["int4"]["blocks"] == [64]
+
+
+class _FakeTrt:
+    """The slice of the TensorRT Python API TensorRTBuilder uses, recording the calls (the real one
+    needs a GPU): a strongly typed network, the ONNX parser, a shared timing cache, one profile."""
+
+    __version__ = "10.3.0"
+
+    class Logger:
+        WARNING, VERBOSE = 2, 4
+
+        def __init__(self, level):
+            self.level = level
+
+    class NetworkDefinitionCreationFlag:
+        STRONGLY_TYPED = 1
+
+    class MemoryPoolType:
+        WORKSPACE = 0
+
+    calls: list = []
+    parse_ok = True
+    plan = b"serialized engine"
+
+    class _Cache:
+        def serialize(self):
+            return memoryview(b"timings")
+
+    class _Config:
+        builder_optimization_level = None
+
+        def create_timing_cache(self, data):
+            _FakeTrt.calls.append(("create_timing_cache", bytes(data)))
+            return _FakeTrt._Cache()
+
+        def set_timing_cache(self, cache, ignore_mismatch):
+            _FakeTrt.calls.append(("set_timing_cache", ignore_mismatch))
+
+        def set_memory_pool_limit(self, pool, size):
+            _FakeTrt.calls.append(("workspace", size))
+
+        def add_optimization_profile(self, profile):
+            _FakeTrt.calls.append(("profile", profile.shapes))
+
+    class _Profile:
+        def set_shape(self, name, lo, opt, hi):
+            self.shapes = (name, lo, opt, hi)
+
+    class Builder:
+        def __init__(self, logger):
+            pass
+
+        def create_builder_config(self):
+            return _FakeTrt._Config()
+
+        def create_network(self, flags):
+            _FakeTrt.calls.append(("network_flags", flags))
+            return object()
+
+        def create_optimization_profile(self):
+            return _FakeTrt._Profile()
+
+        def build_serialized_network(self, network, config):
+            _FakeTrt.calls.append(("level", config.builder_optimization_level))
+            return _FakeTrt.plan
+
+    class OnnxParser:
+        num_errors = 1
+
+        def __init__(self, network, logger):
+            pass
+
+        def parse(self, data):
+            return _FakeTrt.parse_ok
+
+        def get_error(self, i):
+            class E:
+                def desc(self):
+                    return "Unsupported ONNX data type: UINT4"
+
+            return E()
+
+
+def test_tensorrt_builder_uses_the_api_as_documented(monkeypatch, trt_bundle):
+    from dymoe.runtime.trt_build import TensorRTBuilder, settings_for
+
+    monkeypatch.setitem(sys.modules, "tensorrt", _FakeTrt)
+    _FakeTrt.calls = []
+    b = TensorRTBuilder(b"old timings", workspace_bytes=1 << 29)
+    settings = settings_for(PROFILE, b.version, 4)
+    assert b.build(b"onnx", 2048, settings) == b"serialized engine"
+    calls = dict(_FakeTrt.calls)
+    assert calls["create_timing_cache"] == b"old timings" and calls["set_timing_cache"] is False
+    assert calls["network_flags"] == 1 << 1  # 1 << STRONGLY_TYPED
+    assert calls["profile"] == ("x", (1, 2048), (1, 2048), (256, 2048))
+    assert calls["level"] == 4 and calls["workspace"] == 1 << 29
+    assert b.timing_cache() == b"timings"
+    _FakeTrt.parse_ok = False
+    with pytest.raises(BundleError, match="UINT4"):
+        b.build(b"onnx", 2048, settings)
+    _FakeTrt.parse_ok, _FakeTrt.plan = True, None
+    with pytest.raises(BundleError, match="could not build"):
+        b.build(b"onnx", 2048, settings)
+    _FakeTrt.plan = b"serialized engine"

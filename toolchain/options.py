@@ -59,5 +59,7 @@ class ExportOptions:
             raise InputError(f"the export quantizes with {' or '.join(DATA_FREE)}, not {self.quantizer!r}",
                              "gptq runs as dymoe export --quantizer gptq --calibration-data FILE")
         if self.target not in TARGETS:
-            raise InputError(f"unknown export --target {self.target!r}", f"choose {' or '.join(TARGETS)}")
+            raise InputError(f"unknown export --target {self.target!r}",
+                             f"choose {' or '.join(TARGETS)} (device profiles such as orin-nano-8gb are for check, "
+                             "run and build-engines; a Jetson's bundle is exported with --target tensorrt)")
         return highest_first(self.precisions)
