@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test demo lint bench bench-export bench-decode bench-quant bench-serve clean calibrate
+.PHONY: setup test demo lint bench bench-export bench-decode bench-quant bench-serve bench-trt clean calibrate
 
 setup: $(STAMP)
 
@@ -47,6 +47,11 @@ bench-serve: setup
 # seconds + peak memory per expert at realistic shapes (results/quantizers.json)
 bench-quant: setup
 	$(BIN)/python benchmarks/quantizers.py
+
+# TensorRT's symmetric fp16-scaled int4 against the portable asymmetric int4 and fp32: demo held-out
+# perplexity on the CPU provider (results/trt_int4.json)
+bench-trt: setup
+	$(BIN)/python benchmarks/trt_int4.py
 
 # Calibrate the shipped demo model (CI jobs; a few minutes at most on 2 cores): export it into
 # .cache/ when that bundle is missing or older than the weights, then measure on its held-out text.

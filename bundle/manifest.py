@@ -17,7 +17,7 @@ from dymoe.bundle.errors import BundleError, ChecksumError
 from dymoe.bundle.fsutil import atomic_write_text, sha256_file
 from dymoe.bundle.naming import MANIFEST_NAME
 from dymoe.bundle.paths import check_relative, is_sha256, resolve, resolve_file
-from dymoe.bundle.precisions import KNOWN_FORMATS
+from dymoe.bundle.precisions import FORMAT_PRECISIONS, KNOWN_FORMATS
 from dymoe.bundle.precisions import PRECISIONS as KNOWN_PRECISIONS
 from dymoe.bundle.strict import from_dict
 
@@ -240,6 +240,10 @@ def check_manifest(m: Manifest) -> None:
                        f"{', '.join(KNOWN_PRECISIONS)}")
     if sorted(q.formats) != sorted(q.precisions) or any(v not in KNOWN_FORMATS for v in q.formats.values()):
         raise _corrupt(f"quantization.formats {q.formats} must give one of {', '.join(KNOWN_FORMATS)} per precision")
+    for p, fmt in q.formats.items():
+        if p not in FORMAT_PRECISIONS[fmt]:
+            raise _corrupt(f"quantization.formats.{p} is {fmt!r}, a format for "
+                           f"{', '.join(FORMAT_PRECISIONS[fmt])} only")
     refs = [("backbone.embed", m.backbone.embed), ("backbone.head", m.backbone.head),
             *((f"backbone.layers[{i}]", r) for i, r in enumerate(m.backbone.layers)),
             *((f"tokenizer[{i}]", r) for i, r in enumerate(m.tokenizer))]

@@ -11,10 +11,25 @@ FLOAT = ("fp32", "fp16")
 BITS = {"int8": 8, "int4": 4, "int2": 2}  # integer precisions and their code width
 SKIP = "skip"
 RANK = {"fp32": 5, "fp16": 4, "int8": 3, "int4": 2, "int2": 1, SKIP: 0}
-# how a variant is stored in ONNX: float initializers, blocked DequantizeLinear + MatMul (QDQ), or
-# ORT's MatMulNBits (ONNX has no 2-bit type ORT CPU runs)
+# How a variant is stored in ONNX (manifest ``quantization.formats``, one per precision), so that the
+# checker and the runtime never guess from a name:
+#   float              float initializers -> MatMul (fp16 ones are Cast to float32 first)
+#   qdq                blocked DequantizeLinear (opset 21; UINT8 / UINT4 codes, float32 scales, zero
+#                      points) -> MatMul: asymmetric, --block-size (32)
+#   matmulnbits        ORT's com.microsoft::MatMulNBits (ONNX has no 2-bit type ORT runs)
+#   float16            fp16 weights and fp16 arithmetic inside; float32 in and out
+#   qdq_sym_int4_fp16  signed INT4 codes, no zero point, fp16 scales, blocks of 128 (64 where a
+#                      projection's input features are not a multiple of 128) -> MatMul in fp16;
+#                      float32 in and out: the form TensorRT's INT4 weight-only GEMM takes
 FORMATS = {"fp32": "float", "fp16": "float", "int8": "qdq", "int4": "qdq", "int2": "matmulnbits"}
-KNOWN_FORMATS = ("float", "qdq", "matmulnbits")
+# dymoe export --target tensorrt: TensorRT runs fp32, fp16 and int4; int8 and int2 are MatMulNBits
+# for ONNX Runtime's CUDA provider (TensorRT has neither INT8 weight-only nor a 2-bit type)
+TENSORRT_FORMATS = {"fp32": "float", "fp16": "float16", "int8": "matmulnbits", "int4": "qdq_sym_int4_fp16",
+                    "int2": "matmulnbits"}
+EXPORT_TARGETS = {"ort": FORMATS, "tensorrt": TENSORRT_FORMATS}  # dymoe export --target
+KNOWN_FORMATS = ("float", "qdq", "matmulnbits", "float16", "qdq_sym_int4_fp16")
+FORMAT_PRECISIONS = {"float": FLOAT, "float16": ("fp16",), "qdq": ("int8", "int4"), "matmulnbits": tuple(BITS),
+                     "qdq_sym_int4_fp16": ("int4",)}  # which precisions each format can hold
 SHORT = {"32": "fp32", "16": "fp16", "8": "int8", "4": "int4", "2": "int2", "0": SKIP}  # ladders: "4/2", "16/4/0"
 
 

@@ -27,6 +27,7 @@ from dymoe.console import reporter
 from dymoe.demo import DEMO_BUDGET
 from dymoe.runtime import options as run_defaults
 from dymoe.serve import options as serve_defaults
+from dymoe.targets import providers as device_defaults
 from dymoe.toolchain import options as export_defaults
 
 app = typer.Typer(
@@ -106,6 +107,23 @@ def _mib(n: float) -> str:
     return f"{n / 2**20:,.1f} MiB"
 
 
+# where graphs run: the same three options on run, bench and eval (serve takes an ExecutionTarget)
+DeviceOption = Annotated[str, typer.Option(
+    help="Where the graphs run: cpu, cuda (ONNX Runtime's CUDA provider) or tensorrt (TensorRT for the expert "
+         "forms it runs, CUDA for the rest). cuda and tensorrt need onnxruntime-gpu and an NVIDIA GPU.")]
+TargetOption = Annotated[str | None, typer.Option(
+    "--target", help="Device profile: orin-nano-8gb, orin-nx-16gb, agx-orin-64gb or a .toml file (provider options; "
+                     "the budget must fit its usable memory).")]
+EnginesOption = Annotated[str | None, typer.Option(
+    help="With --device tensorrt: prebuilt engines from dymoe build-engines, a folder or auto (the profile's).")]
+
+
+def _target(device: str, target: str | None, engines: str | None):
+    from dymoe.runtime.execution import execution_target
+
+    return execution_target(device, target, engines)
+
+
 @app.command()
 @friendly
 def export(
@@ -130,11 +148,17 @@ def export(
     inputs_per_expert: Annotated[int, typer.Option(
         metavar="N", help="gptq only: routed hidden states kept per expert; memory about layers x experts x N x "
                           "hidden x 2 bytes.")] = cal_defaults.INPUTS_PER_EXPERT,
+    target: Annotated[str, typer.Option(
+        help="ONNX forms: ort (portable; asymmetric int4/int8 blocks of --block-size) or tensorrt (symmetric INT4 "
+             "with fp16 scales in blocks of 128, fp16 arithmetic, MatMulNBits int8/int2 for the CUDA provider).")
+    ] = export_defaults.TARGET,
 ) -> None:
     """Export a checkpoint to a bundle: one ONNX graph per expert and precision, the backbone,
     the tokenizer and manifest.json. An interrupted export resumes when rerun.
 
     Example: dymoe export ./Qwen3-30B-A3B --out bundles/qwen3 --precisions fp16,int4,int2 --workers 2
+
+    Example: dymoe export ./Qwen3-30B-A3B --out bundles/qwen3-trt --target tensorrt
 
     Example: dymoe export ./Qwen3-30B-A3B --out bundles/qwen3 --quantizer gptq --calibration-data train.txt
     """
@@ -153,7 +177,7 @@ def export(
         with reporter(err) as progress:
             opts = ExportOptions(precisions=tuple(p.strip() for p in precisions.split(",") if p.strip()),
                                  block_size=block_size, workers=workers, force=force, progress=progress,
-                                 quantizer="hqq" if gptq else quantizer)
+                                 quantizer="hqq" if gptq else quantizer, target=target)
             manifest = run_export(model, out, opts, gptq)
     except KeyboardInterrupt:
         raise DymoeError(f"export to {out} interrupted; finished files are kept",
@@ -321,7 +345,7 @@ EngineCacheOpt = Annotated[str, typer.Option(
 
 
 def _policy_plan(precision: str | None, policy: str | None, budget: str, policy_config: Path | None,
-                 overrides: dict, io: str, storage_profile: str | None, engine_cache: str):
+                 overrides: dict, io: str, storage_profile: str | None, engine_cache: str, target=None):
     """The budgeted run the options ask for, or None for every expert resident at one precision."""
     from dymoe.runtime.policy_config import PolicyRun
 
@@ -333,7 +357,7 @@ def _policy_plan(precision: str | None, policy: str | None, budget: str, policy_
     return None if policy is None else PolicyRun(
         policy, budget, policy_config=policy_config, io=io, storage_profile=storage_profile,
         engine_cache=None if engine_cache == "off" else engine_cache, overrides=overrides,
-        on_note=lambda note: err.print(f"[yellow]warning:[/] {escape(note)}", highlight=False))
+        on_note=lambda note: err.print(f"[yellow]warning:[/] {escape(note)}", highlight=False), target=target)
 
 
 def _read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
@@ -378,6 +402,9 @@ def run(
     engine_cache: EngineCacheOpt = run_defaults.ENGINE_CACHE,
     metrics_json: Annotated[Path | None, typer.Option(help="Write timings, counters, prompt and token ids here.")]
     = None,
+    device: DeviceOption = device_defaults.DEVICE,
+    target: TargetOption = None,
+    engines: EnginesOption = None,
 ) -> None:
     """Generate text from a bundle, streaming it to the terminal.
 
@@ -389,6 +416,7 @@ def run(
       dymoe run bundles/q3 --prompt-file long_prompt.txt --max-new-tokens 128
       dymoe run bundles/q3 -p "Once" --policy dymoe --budget 25% --io direct --storage-profile orin-nano-nvme
       dymoe run bundles/q3 -p "Once" --policy dymoe --ladder 8/4/2 --retention 0.75 --schedule cosine
+      dymoe run bundles/q3-trt -p "Once" --device tensorrt --target orin-nano-8gb --engines auto
     """
     from dymoe.bundle.fsutil import check_output_file
     from dymoe.runtime.model_session import open_model
@@ -399,10 +427,12 @@ def run(
         check_output_file(metrics_json, "--metrics-json")
     overrides = dict(ladder=ladder, retention=retention, schedule=schedule, eviction=eviction, prefetch=prefetch,
                      renormalize=renormalize, serve_lower_while_promoting=serve_lower, on_load_error=on_load_error)
-    plan = _policy_plan(precision, policy, budget, policy_config, overrides, io, storage_profile, engine_cache)
     sampling = SamplingParams(temperature, top_p, seed)  # checked before the bundle is opened
+    where = _target(device, target, engines)
+    plan = _policy_plan(precision, policy, budget, policy_config, overrides, io, storage_profile, engine_cache,
+                        where)
     with reporter(err) as progress:
-        session = open_model(bundle, precision=precision, progress=progress, policy=plan)
+        session = open_model(bundle, precision=precision, progress=progress, policy=plan, target=where)
     try:
         result = session.generate(text, max_new_tokens=max_new_tokens, temperature=sampling.temperature,
                                   top_p=sampling.top_p, seed=sampling.seed,
@@ -541,6 +571,9 @@ def bench(
     window: Annotated[int, typer.Option(min=2, help="Perplexity window length.")] = 128,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the full result here.")] = None,
     plot: Annotated[Path | None, typer.Option(help="Folder for PNG plots.")] = None,
+    device: DeviceOption = device_defaults.DEVICE,
+    target: TargetOption = None,
+    engines: EnginesOption = None,
 ) -> None:
     """Compare policies side by side: TTFT, TPOT, stall, bytes read, hit rate, prefetch recall,
     peak RSS, and held-out perplexity with top-1 agreement against the fp32 reference.
@@ -550,6 +583,7 @@ def bench(
     Examples:
       dymoe bench B --policies ondemand,lru,lru-prefetch,static-int4,dymoe --budget 25% --io direct
       dymoe bench B --sweep-budget 15%,25%,50%,100% --storage-profile orin-nano-nvme --plot results/
+      dymoe bench B --device cuda --target orin-nano-8gb --policies lru,dymoe
     """
     from dymoe.bundle.fsutil import check_output_dir, check_output_file
     from dymoe.runtime.bench import BenchOptions, read_prompts, run_bench
@@ -567,7 +601,8 @@ def bench(
     opts = BenchOptions(
         policies=[p.strip() for p in policies.split(",") if p.strip()],
         budgets=[b.strip() for b in (sweep_budget or budget).split(",") if b.strip()],
-        base=PolicyRun("lru", io=io, storage_profile=storage_profile, full_precision=full_precision),
+        base=PolicyRun("lru", io=io, storage_profile=storage_profile, full_precision=full_precision,
+                       target=_target(device, target, engines)),
         prompts=read_prompts(prompts) if prompts else None, prompt_tokens=prompt_tokens, new_tokens=new_tokens,
         repeats=repeats, accuracy=accuracy, data=data, window=window, windows=windows)
     with reporter(err) as progress:
@@ -595,6 +630,9 @@ def evaluate(
     window: Annotated[int, typer.Option(min=2, help="Tokens per window.")] = 128,
     max_windows: Annotated[int | None, typer.Option(min=1, help="Score at most this many windows.")] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the result here.")] = None,
+    device: DeviceOption = device_defaults.DEVICE,
+    target: TargetOption = None,
+    engines: EnginesOption = None,
 ) -> None:
     """Perplexity on held-out text, and top-1 agreement with the fp32 reference.
 
@@ -602,6 +640,7 @@ def evaluate(
     generating. Examples:
       dymoe eval B --data heldout.txt
       dymoe eval B --policy dymoe --budget 25%
+      dymoe eval B --precision int4 --device tensorrt --target orin-nano-8gb
     """
     from dymoe.bundle.fsutil import check_output_file, read_user_text
     from dymoe.runtime.bundle import Bundle
@@ -617,10 +656,12 @@ def evaluate(
         data = _demo_heldout_if_demo(bundle)
         if data is None:
             raise InputError("no --data given and this bundle is not the demo model's", "pass --data FILE")
+    where = _target(device, target, engines)
     text = read_user_text(data, "--data")
     ids = TextTokenizer(Bundle(bundle).tokenizer_path()).encode(text)
     with reporter(err) as progress:
-        result = evaluate(bundle, ids, precision=precision, policy=PolicyRun(policy, budget) if policy else None,
+        result = evaluate(bundle, ids, precision=precision, target=where,
+                          policy=PolicyRun(policy, budget, target=where) if policy else None,
                           window=window, max_windows=max_windows, progress=progress)
     r = result.run
     report = {"bundle": str(bundle), "data": str(data), "experts": result.label, "perplexity": r.ppl,
@@ -634,6 +675,84 @@ def evaluate(
         from dymoe.bundle.fsutil import atomic_write_text
 
         atomic_write_text(json_out, json.dumps(report, indent=1) + "\n")
+
+
+@app.command()
+@friendly
+def check(
+    bundle: Annotated[Path, typer.Argument(help="Bundle folder.")],
+    target: Annotated[str | None, typer.Option(
+        "--target", help="Device profile whose TensorRT version and ONNX Runtime capabilities apply "
+                         "(orin-nano-8gb, orin-nx-16gb, agx-orin-64gb or a .toml); default: current releases.")]
+    = None,
+    every: Annotated[bool, typer.Option("--all", help="Read every expert graph, not one per MoE layer.")] = False,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the verdicts here.")] = None,
+) -> None:
+    """Which execution provider (TensorRT, ONNX Runtime CUDA, CPU) can run each precision of a
+    bundle, and why not: its expert graphs are read and checked against TensorRT's INT4 rules
+    and what ONNX Runtime's CUDA provider runs. Needs no GPU.
+
+    Example: dymoe check bundles/qwen3-trt --target orin-nano-8gb
+    """
+    from dymoe.bundle.fsutil import check_output_file
+    from dymoe.check_table import print_check
+    from dymoe.runtime.check import check_bundle, report_json
+    from dymoe.targets.devices import load_device
+
+    if json_out:
+        check_output_file(json_out, "--json")
+    profile = load_device(target) if target else None
+    with reporter(err) as progress:
+        checks = check_bundle(bundle, profile, every, progress)
+    print_check(checks, f"{bundle}: " + (profile.describe() if profile else "current TensorRT and onnxruntime-gpu"),
+                out)
+    if json_out:
+        from dymoe.bundle.fsutil import atomic_write_text
+
+        atomic_write_text(json_out, json.dumps(report_json(checks, profile), indent=1) + "\n")
+
+
+@app.command("build-engines")
+@friendly
+def build_engines(
+    bundle: Annotated[Path, typer.Argument(help="Bundle folder (best exported with --target tensorrt).")],
+    target: Annotated[str, typer.Option(
+        "--target", help="Device profile: orin-nano-8gb, orin-nx-16gb, agx-orin-64gb or a .toml (token range, "
+                         "compute capability).")],
+    out_dir: Annotated[Path | None, typer.Option(
+        "--out", help="Engine folder (default: the user cache, per profile); give it to run with --engines.")] = None,
+    precisions: Annotated[str, typer.Option(
+        help="Comma list of precisions to build; empty = every precision in a form TensorRT runs.")] = "",
+    optimization_level: Annotated[int, typer.Option(
+        min=0, max=5, help="TensorRT builder optimisation level (higher: longer builds, maybe faster engines).")
+    ] = run_defaults.TRT_OPTIMIZATION_LEVEL,
+) -> None:
+    """Build a TensorRT engine for every expert graph TensorRT runs, on the device itself (needs
+    the tensorrt Python package), into a checksummed engine folder with a shared timing cache.
+    Interrupted builds resume when rerun; dymoe run --device tensorrt --engines DIR loads them.
+
+    Example: dymoe build-engines bundles/qwen3-trt --target orin-nano-8gb
+    """
+    from dymoe.bundle.manifest import read_manifest
+    from dymoe.runtime.trt_build import TensorRTBuilder, plan, read_timing_cache
+    from dymoe.runtime.trt_build import build_engines as run_build
+    from dymoe.runtime.trt_engines import default_dir
+    from dymoe.targets.devices import load_device
+
+    profile = load_device(target)
+    wanted = tuple(p.strip() for p in precisions.split(",") if p.strip())
+    plan(read_manifest(bundle), wanted)  # the bundle's own problems first, even where tensorrt is missing
+    folder = out_dir or default_dir(profile.name)
+    builder = TensorRTBuilder(read_timing_cache(folder))
+    try:
+        with reporter(err) as progress:
+            report = run_build(bundle, folder, profile, builder, wanted, optimization_level, progress=progress)
+    except KeyboardInterrupt:
+        raise DymoeError(f"build-engines into {folder} interrupted; finished engines are kept",
+                         "rerun the same command to resume") from None
+    err.print(f"{report.built} engines built, {report.skipped} already there, in {report.seconds:.1f} s; "
+              f"{_mib(report.engine_bytes)} of engines in {folder}")
+    err.print(f"run with: dymoe run {bundle} --device tensorrt --target {target} --engines {folder}")
 
 
 def _demo_heldout_if_demo(bundle: Path) -> Path | None:

@@ -60,6 +60,9 @@ def export(model: str, out: Path, options: ExportOptions, gptq: GptqOptions | No
         return export_bundle(model, out, options)
     precisions = options.validate()
     gptq.validate(precisions)
+    if options.target != "ort":
+        raise InputError(f"--quantizer gptq writes the portable forms only, not --target {options.target}",
+                         f"use --quantizer hqq (the default) or rtn with --target {options.target}")
     source = open_checkpoint(model)
     calibration = _calibration_options(gptq, source.spec.max_position_embeddings)
     _check_calibration_data(gptq, calibration, source.spec, source.folder)  # before stage 1, not after it

@@ -85,7 +85,7 @@ def check(bundle: Bundle, opts: BenchOptions) -> None:
 
 
 def run_bench(bundle_path: Path, opts: BenchOptions, progress: ProgressFn | None = None) -> dict:
-    bundle = Bundle(bundle_path)
+    bundle = Bundle(bundle_path, opts.base.target)
     check(bundle, opts)
     tok = TextTokenizer(bundle.tokenizer_path())
     prompts = prompt_ids(tok, opts.prompts or default_prompts(), opts.prompt_tokens,

@@ -1,4 +1,5 @@
-"""An opened bundle: its manifest, and sessions built from checksum-verified bytes."""
+"""An opened bundle: its manifest, the execution target its graphs run on, and sessions built
+from checksum-verified bytes."""
 
 from __future__ import annotations
 
@@ -7,15 +8,17 @@ from pathlib import Path
 from dymoe.bundle.errors import BundleError, InputError
 from dymoe.bundle.manifest import Manifest, read_manifest, read_verified
 from dymoe.bundle.paths import resolve_file
+from dymoe.targets.providers import CPU_TARGET, ExecutionTarget
 
 from .ort_session import backbone_threads, create_session
 
 
 class Bundle:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, target: ExecutionTarget | None = None) -> None:
         self.path = Path(path)
         self.manifest: Manifest = read_manifest(self.path)
         self.spec = self.manifest.model
+        self.target = target or CPU_TARGET
 
     @property
     def precisions(self) -> list[str]:
@@ -33,7 +36,13 @@ class Bundle:
         return read_verified(self.path, self.manifest, rel)
 
     def session(self, rel: str, threads: int | None = None):
-        return create_session(self.read(rel), threads or backbone_threads(), str(self.path / rel))
+        return create_session(self.read(rel), threads or backbone_threads(), str(self.path / rel), target=self.target)
+
+    def expert_graph(self, precision: str, rel: str) -> dict:
+        """What the session factory needs to know of an expert graph to place it: the target, the
+        manifest's format of ``precision``, the width, and the graph's sha256 (prebuilt engines)."""
+        return dict(target=self.target, expert_format=self.manifest.quantization.formats[precision],
+                    hidden_size=self.spec.hidden_size, key=self.manifest.files[rel].sha256, precision=precision)
 
     def expert_rel(self, layer: int, expert: int, precision: str) -> str:
         try:

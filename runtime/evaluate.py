@@ -91,15 +91,17 @@ class Evaluation:
 
 def evaluate(bundle: Path, ids: list[int], precision: str | None = None, policy=None, window: int = 128,
              max_windows: int | None = None, progress: ProgressFn | None = None,
-             reference: Perplexity | None = None) -> Evaluation:
+             reference: Perplexity | None = None, target=None) -> Evaluation:
     """Perplexity of ``bundle`` on ``ids`` with every expert at ``precision`` or under ``policy``
     (a :class:`PolicyRun`, fed token by token so it decides as while generating), and top-1
-    agreement with the reference precision (computed unless given or the run is the reference)."""
+    agreement with the reference precision (computed unless given or the run is the reference).
+    ``target`` (an ``ExecutionTarget``, or the policy's) is where the graphs run (default: the CPU)."""
     from .model_session import open_model
 
     if policy is not None and precision is not None:
         raise InputError("--precision and --policy exclude each other", "choose one")
-    session = open_model(bundle, precision=precision, policy=policy)
+    target = target or (policy.target if policy is not None else None)
+    session = open_model(bundle, precision=precision, policy=policy, target=target)
     try:
         run = perplexity(session.model, ids, window, max_windows, progress, stepwise=policy is not None,
                          label=f"perplexity ({session.label})")
@@ -107,7 +109,7 @@ def evaluate(bundle: Path, ids: list[int], precision: str | None = None, policy=
     finally:
         session.close()
     if reference is None and (policy is not None or (precision or session.bundle.precisions[0]) != ref_prec):
-        ref = open_model(bundle, precision=ref_prec)
+        ref = open_model(bundle, precision=ref_prec, target=target)
         try:
             reference = perplexity(ref.model, ids, window, max_windows, progress, label=f"reference ({ref_prec})")
         finally:

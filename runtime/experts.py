@@ -89,7 +89,8 @@ class ExpertSessions:
             rel = self.bundle.expert_rel(layer, expert, precision)
             data = self.bundle.read(rel)
             self.file_bytes += len(data)
-            sess = self._sessions[key] = create_session(data, 1, str(self.bundle.path / rel), self.session_config)
+            sess = self._sessions[key] = create_session(data, 1, str(self.bundle.path / rel), self.session_config,
+                                                        **self.bundle.expert_graph(precision, rel))
         return sess
 
     def load_all(self, precision: str, progress: ProgressFn | None = None) -> None:

@@ -107,7 +107,8 @@ class Loader:
             result = self.storage.read(cached)
             if self._matches(str(cached), result, digest):
                 t = time.perf_counter()
-                session = create_session(result.data, 1, str(cached), optimize=False)
+                session = create_session(result.data, 1, str(cached), optimize=False,
+                                         **self.bundle.expert_graph(precision, rel))
                 return self._done(layer, expert, precision, session, result, time.perf_counter() - t)
             cache.discard(cached)  # damaged: rebuild it from the bundle below
         try:
@@ -120,7 +121,7 @@ class Loader:
         t = time.perf_counter()
         temp = cache.temp_path(entry.sha256) if cache else None
         session = create_session(result.data, 1, str(path), self.session_config,
-                                 save_optimized=str(temp) if temp else None)
+                                 save_optimized=str(temp) if temp else None, **self.bundle.expert_graph(precision, rel))
         create_s = time.perf_counter() - t
         if cache:
             cache.commit(entry.sha256, temp)

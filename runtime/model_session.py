@@ -7,6 +7,7 @@ import resource
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -20,6 +21,9 @@ from .model import MoEModel
 from .policy_config import PolicyRun
 from .sampling import SamplingParams
 from .tokenizer import TextTokenizer
+
+if TYPE_CHECKING:
+    from dymoe.targets.providers import ExecutionTarget
 
 
 @dataclass
@@ -107,10 +111,12 @@ class ModelSession:
 
 
 def open_model(path: Path, precision: str | None = None, experts: ExpertExecutor | None = None,
-               progress: ProgressFn | None = None, policy: PolicyRun | None = None) -> ModelSession:
+               progress: ProgressFn | None = None, policy: PolicyRun | None = None,
+               target: ExecutionTarget | None = None) -> ModelSession:
     """Open a bundle: with ``policy``, a memory-budgeted orchestrated run; otherwise every
-    expert resident at ``precision`` (default: the bundle's highest)."""
-    bundle = Bundle(path)
+    expert resident at ``precision`` (default: the bundle's highest). ``target`` (or the policy's)
+    is where the graphs run (default: the CPU)."""
+    bundle = Bundle(path, target or (policy.target if policy else None))
     tokenizer = TextTokenizer(bundle.tokenizer_path())
     if policy is not None:
         from .build import build_orchestrator
@@ -124,5 +130,13 @@ def open_model(path: Path, precision: str | None = None, experts: ExpertExecutor
             raise
         return ModelSession(bundle, model, tokenizer, f"policy {policy.policy}", orch)
     precision = precision or bundle.precisions[0]
+    if experts is None and bundle.target.profile is not None:  # every expert resident: does it fit the device?
+        from .device_memory import check_fits, device_costs
+
+        m, target = bundle.manifest, bundle.target
+        bundle.check_precision(precision)
+        need = (sum(m.files[e.variants[precision].path].bytes for e in m.experts) if target.is_cpu  # at least
+                else device_costs(m, target)[precision] * len(m.experts))
+        check_fits(m, target.profile, need, f"every expert at {precision}")
     model = MoEModel(bundle, experts or StaticExperts(bundle, precision, progress=progress))
     return ModelSession(bundle, model, tokenizer, precision)

@@ -9,3 +9,4 @@ BENCH_BUDGET = "25%"
 BENCH_NEW_TOKENS = 32
 BENCH_REPEATS = 3
 WINDOW = 128  # perplexity window (tokens)
+TRT_OPTIMIZATION_LEVEL = 3  # dymoe build-engines: TensorRT's own default; good engines, builds in seconds per expert

@@ -1,16 +1,22 @@
-"""ONNX Runtime session settings that suit small devices.
+"""The one ONNX Runtime session factory: session settings that suit small devices, and the
+providers of the execution target (``targets/providers.py`` decides which, per graph).
 
 Many expert sessions, each with ORT's default thread pool, spin and fight over two cores; so
 expert sessions run single-threaded without spinning, and only the backbone gets a small pool.
+On a GPU target (``--device cuda|tensorrt``) the device is checked once per process first
+(``runtime/device.py``), sessions share one arena, and a session that did not start on the asked
+provider is an error rather than a silent CPU run.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 
 import onnxruntime as ort
 
 from dymoe.bundle.errors import BundleError
+from dymoe.targets.providers import CPU, CPU_TARGET, CUDA, TENSORRT, ExecutionTarget, providers_for, session_config
 
 
 def backbone_threads() -> int:
@@ -43,17 +49,60 @@ def session_options(threads: int, config: dict[str, str] | None = None, optimize
     return so
 
 
+@functools.cache
+def _shared_arena(device_id: int) -> bool:
+    """Register one CUDA arena on the ONNX Runtime environment for every GPU session to share
+    (``session.use_env_allocators``); False when this onnxruntime cannot (then each session keeps
+    its own arena, as ORT does by default)."""
+    try:
+        mem = ort.OrtMemoryInfo("Cuda", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, device_id, ort.OrtMemType.DEFAULT)
+        arena = ort.OrtArenaCfg(0, 1, -1, -1)  # no cap, kSameAsRequested growth, ORT's chunk defaults
+        ort.create_and_register_allocator_v2(CUDA, mem, {"device_id": str(device_id)}, arena)
+        return True
+    except (AttributeError, RuntimeError, TypeError, ValueError):
+        return False
+
+
 def create_session(model_bytes: bytes, threads: int, label: str, config: dict[str, str] | None = None,
-                   optimize: bool = True, save_optimized: str | None = None) -> ort.InferenceSession:
+                   optimize: bool = True, save_optimized: str | None = None, *, target: ExecutionTarget | None = None,
+                   expert_format: str | None = None, hidden_size: int = 0, key: str | None = None,
+                   precision: str | None = None):
+    """A session for ``model_bytes`` on ``target`` (default: the CPU). ``expert_format`` (the
+    manifest's format of an expert graph, None for the backbone) and ``hidden_size`` choose the
+    providers; ``key`` (the graph's sha256) finds a prebuilt TensorRT engine (dymoe build-engines)."""
+    target = target or CPU_TARGET
+    providers = providers_for(target, expert_format, hidden_size, precision)
+    if not target.is_cpu:
+        from .device import check_device
+
+        check_device(target)
+        if _shared_arena(target.device_id):
+            config = {**session_config(target), **(config or {})}
+        save_optimized = None  # ORT's optimised graph of a GPU session is not a portable CPU graph
+        if providers[0][0] == TENSORRT and target.engines is not None and key:
+            from .trt_engines import prebuilt_model
+
+            prebuilt = prebuilt_model(target, key)
+            if prebuilt is not None:
+                model_bytes, optimize = prebuilt, False  # an engine needs no graph optimisation
     try:
         session = ort.InferenceSession(model_bytes, session_options(threads, config, optimize, save_optimized),
-                                       providers=["CPUExecutionProvider"])
+                                       providers=[name for name, _ in providers],
+                                       provider_options=[options for _, options in providers])
     except Exception as e:  # ORT raises its own types for invalid graphs
         raise BundleError(f"ONNX Runtime cannot load {label}: {e}", "re-export the bundle") from None
+    if providers[0][0] != CPU and providers[0][0] not in session.get_providers():
+        from .device import failed_start
+
+        raise failed_start(target.device, session.get_providers(), None)
     # ORT's Python wrapper keeps the model bytes for as long as the session lives (its own
     # source says "this is bad as we're holding the memory indefinitely"); they are only needed
     # to rebuild the session with other providers, which we never do. Dropping them saves a whole
     # file's worth of memory per resident engine (40 % of an int4 expert's footprint).
     if getattr(session, "_model_bytes", None) is model_bytes:
         session._model_bytes = None
+    if providers[0][0] == TENSORRT:
+        from .chunked import ChunkedSession
+
+        return ChunkedSession(session, target.shapes.max_tokens)
     return session

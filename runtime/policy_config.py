@@ -11,6 +11,7 @@ from pathlib import Path
 from dymoe.bundle.compat import tomllib
 from dymoe.bundle.errors import InputError
 from dymoe.bundle.precisions import SKIP
+from dymoe.targets.providers import ExecutionTarget
 
 from .policy import parse_ladder
 
@@ -134,3 +135,4 @@ class PolicyRun:
     full_precision: str | None = None  # what "full precision" means (default: the bundle's highest)
     overrides: dict = field(default_factory=dict)  # PolicyConfig fields given on the command line
     on_note: Callable[[str], None] | None = None  # told of fallbacks as they happen (the CLI prints them)
+    target: ExecutionTarget | None = None  # where the graphs run (None: the CPU)

@@ -36,13 +36,18 @@ def quantized_matrices(model: onnx.ModelProto) -> dict[str, QuantizedMatrix]:
         if node.op_type == "MatMulNBits":
             out[proj] = _nbits_matrix(node, init, proj)
         elif node.op_type == "DequantizeLinear":
-            q = init[f"{proj}_w"].astype(np.uint8)
-            K, N = q.shape
-            bits = 8 if protos[f"{proj}_w"].data_type == onnx.TensorProto.UINT8 else 4
+            kind = protos[f"{proj}_w"].data_type
+            bits = 8 if kind in (onnx.TensorProto.UINT8, onnx.TensorProto.INT8) else 4
             block = next(onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == "block_size")
-            out[proj] = QuantizedMatrix(q=q, scale=init[f"{proj}_scale"].astype(np.float32),
-                                        zero_point=init[f"{proj}_zero_point"].astype(np.uint8),
-                                        bits=bits, block_size=block, K=K, N=N)
+            scale = init[f"{proj}_scale"].astype(np.float32)  # fp16 scales are exact in float32
+            if f"{proj}_zero_point" in init:
+                q, zp = init[f"{proj}_w"].astype(np.uint8), init[f"{proj}_zero_point"].astype(np.uint8)
+            else:  # symmetric signed codes (trt_graph.py): kept as q = c + 2^(bits-1), zero point 2^(bits-1)
+                offset = 1 << (bits - 1)
+                q = (init[f"{proj}_w"].astype(np.int16) + offset).astype(np.uint8)
+                zp = np.full(scale.shape, offset, dtype=np.uint8)
+            K, N = q.shape
+            out[proj] = QuantizedMatrix(q=q, scale=scale, zero_point=zp, bits=bits, block_size=block, K=K, N=N)
     return out
 
 
@@ -50,10 +55,14 @@ def expert_weights(model: onnx.ModelProto) -> tuple[np.ndarray, np.ndarray, np.n
     """Float32 torch-layout ``(gate, up, down)`` of an expert graph at any precision."""
     init = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     quantized = quantized_matrices(model)
+    fp16_scales = {t.name[:-len("_scale")] for t in model.graph.initializer
+                   if t.name.endswith("_scale") and t.data_type == onnx.TensorProto.FLOAT16}
     out = []
     for proj in _PROJS:
         if proj in quantized:
             w_kn = dequantize(quantized[proj])
+            if proj in fp16_scales:  # DequantizeLinear returns the product in the scale's type
+                w_kn = w_kn.astype(np.float16).astype(np.float32)
         elif f"{proj}_w" in init:
             w_kn = init[f"{proj}_w"].astype(np.float32)
         else:

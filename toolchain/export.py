@@ -21,7 +21,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from dymoe.bundle.errors import BundleError, CheckpointError
+from dymoe.bundle.errors import BundleError, CheckpointError, InputError
 from dymoe.bundle.folder import folder_state, foreign_error, remove_listed, remove_temp_files
 from dymoe.bundle.fsutil import atomic_write_bytes, require_free_space, sha256_file
 from dymoe.bundle.journal import Journal
@@ -48,16 +48,17 @@ from dymoe.bundle.naming import (
     tokenizer_path,
 )
 from dymoe.bundle.paths import resolve
-from dymoe.bundle.precisions import FORMATS
 from dymoe.bundle.progress import Counter
 from dymoe.bundle.version import __version__
 
 from .archs import base, get_architecture
 from .checkpoint import TOKENIZER_FILES, Checkpoint, resolve_model_path
 from .expert_graph import expected_bytes
+from .forms import SYMMETRIC_QUANTIZERS
 from .layout import Ref, check_coverage
-from .options import ExportOptions
+from .options import TARGET, ExportOptions
 from .quantizers import QuantizerOptions
+from .trt_graph import trt_block
 from .variants import variant_of, write_expert, write_model
 from .workers import worker_pool
 
@@ -112,7 +113,7 @@ def _read(ckpt: Checkpoint, ref: Ref):
 
 
 def _expert_task(folder: str, out: str, mapping: dict, layer: int, expert: int, precisions: tuple[str, ...],
-                 block_size: int, quantizer: QuantizerOptions) -> dict[str, dict]:
+                 block_size: int, quantizer: QuantizerOptions, formats: dict[str, str]) -> dict[str, dict]:
     ckpt = _checkpoint(folder)
     p = f"layers.{layer}.experts.{expert}."
     gate, up, down = (_read(ckpt, mapping[p + n]) for n in ("gate", "up", "down"))
@@ -120,7 +121,7 @@ def _expert_task(folder: str, out: str, mapping: dict, layer: int, expert: int, 
     for prec in precisions:
         rel = expert_path(layer, expert, prec)
         done[rel] = write_expert(Path(out), rel, gate, up, down, prec, block_size, quantizer,
-                                 name=f"l{layer}_e{expert}_{prec}")
+                                 name=f"l{layer}_e{expert}_{prec}", fmt=formats[prec])
     return done
 
 
@@ -154,7 +155,7 @@ def fingerprint_of(source: CheckedCheckpoint, options: ExportOptions) -> str:
     blob = json.dumps(
         {"checkpoint": source.ckpt.fingerprint(), "precisions": options.validate(), "block_size": options.block_size,
          "quantizer": options.quantizer, "extra": dict(options.fingerprint_extra), "dymoe": __version__,
-         "schema": SCHEMA_VERSION},
+         "schema": SCHEMA_VERSION, **({"target": options.target} if options.target != TARGET else {})},
         sort_keys=True,
     )
     return hashlib.sha256(blob.encode()).hexdigest()
@@ -166,10 +167,25 @@ def export(model: str, out: Path, options: ExportOptions = ExportOptions(),
     folder ``out``."""
     precisions = options.validate()
     source = source or open_checkpoint(model)
+    check_target(source.spec, options, precisions)
     fingerprint = fingerprint_of(source, options)
     out = prepare_folder(Path(out))
     with bundle_lock(out, "export"):
         return _export_locked(model, source, precisions, fingerprint, out, options)
+
+
+def check_target(spec: ModelSpec, options: ExportOptions, precisions: tuple[str, ...]) -> None:
+    """The forms of ``options.target`` must be possible for this model, before any work."""
+    if options.formats.get("int4") != "qdq_sym_int4_fp16" or "int4" not in precisions:
+        return
+    for what, k in (("hidden_size", spec.hidden_size), ("expert intermediate size", spec.expert_intermediate_size)):
+        if trt_block(k) is None:
+            raise InputError(f"--target {options.target}: the model's {what} {k} is not a multiple of 64, and "
+                             "TensorRT's INT4 blocks (64 or 128) must divide each projection's input features",
+                             "export without int4 (--precisions), or with --target ort")
+    if options.quantizer not in SYMMETRIC_QUANTIZERS:
+        raise InputError(f"--target {options.target} quantizes int4 with {' or '.join(SYMMETRIC_QUANTIZERS)}, "
+                         f"not {options.quantizer}", "use --quantizer hqq (the default) or rtn")
 
 
 def prepare_folder(out: Path) -> Path:
@@ -234,7 +250,8 @@ def _export_locked(model: str, src: CheckedCheckpoint, precisions: tuple[str, ..
         for e in range(spec.num_experts):
             if all(expert_path(layer, e, p) in done for p in precisions):
                 continue
-            jobs.append((_expert_task, (*common, src.mapping, layer, e, precisions, options.block_size, quantizer)))
+            jobs.append((_expert_task, (*common, src.mapping, layer, e, precisions, options.block_size, quantizer,
+                                        options.formats)))
     total = len(graphs) + len(spec.moe_layers) * spec.num_experts
     counter = Counter(options.progress, f"export {spec.model_type}", total, total - len(jobs))
     if options.workers == 1:
@@ -262,7 +279,8 @@ def _export_locked(model: str, src: CheckedCheckpoint, precisions: tuple[str, ..
             rel = tokenizer_path(name)
             data = path.read_bytes()
             done[rel] = {"bytes": len(data), "sha256": atomic_write_bytes(resolve(out, rel), data)}
-    manifest = _manifest(model, src, precisions, options.block_size, fingerprint, done, quantizer.name)
+    manifest = _manifest(model, src, precisions, options.block_size, fingerprint, done, quantizer.name,
+                         options.formats)
     manifest.write(out)
     journal.remove()
     return manifest
@@ -310,7 +328,7 @@ def _tool_versions() -> dict[str, str]:
 
 
 def _manifest(model: str, src: CheckedCheckpoint, precisions: tuple[str, ...], block_size: int, fingerprint: str,
-              done: dict[str, dict], quantizer: str) -> Manifest:
+              done: dict[str, dict], quantizer: str, formats: dict[str, str]) -> Manifest:
     spec = src.spec
     experts = [ExpertEntry(layer=layer, expert=e,
                            variants={p: variant_of(expert_path(layer, e, p), p, done[expert_path(layer, e, p)])
@@ -324,7 +342,7 @@ def _manifest(model: str, src: CheckedCheckpoint, precisions: tuple[str, ...], b
                       source_bytes=src.ckpt.source_bytes()),
         model=spec,
         quantization=Quantization(precisions=list(precisions), block_size=block_size, method=quantizer,
-                                  formats={p: FORMATS[p] for p in precisions}),
+                                  formats={p: formats[p] for p in precisions}),
         tools=_tool_versions(),
         tokenizer=sorted(r for r in done if r.startswith("tokenizer/")),
         backbone=Backbone(embed=EMBED, layers=[layer_path(i) for i in range(spec.num_layers)], head=HEAD,

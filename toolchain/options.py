@@ -6,8 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from dymoe.bundle.errors import InputError
+from dymoe.bundle.precisions import EXPORT_TARGETS, highest_first
 from dymoe.bundle.precisions import PRECISIONS as ALL_PRECISIONS
-from dymoe.bundle.precisions import highest_first
 from dymoe.bundle.progress import ProgressFn
 
 PRECISIONS = ("fp16", "int8", "int4", "int2")  # the export ladder; tests add fp32
@@ -19,6 +19,10 @@ QUANTIZERS = ("rtn", "hqq", "gptq")
 DATA_FREE = ("rtn", "hqq")  # quantizers the export itself runs
 GPTQ_MIN_TOKENS = 64  # experts with fewer routed calibration tokens fall back to hqq
 WORKERS = 1
+# the ONNX forms written: "ort" (portable: asymmetric QDQ, --block-size) or "tensorrt" (symmetric
+# fp16-scaled INT4 and fp16 arithmetic for TensorRT, MatMulNBits int8/int2 for ORT's CUDA provider)
+TARGET = "ort"
+TARGETS = tuple(EXPORT_TARGETS)
 
 
 @dataclass(frozen=True)
@@ -32,6 +36,12 @@ class ExportOptions:
     # what else the bundle depends on (a pipeline's later stages): part of the export's fingerprint
     fingerprint_extra: tuple[tuple[str, str], ...] = ()
     reserve_bytes: int = 0  # disk space a pipeline's later stages will need in the bundle (checked up front)
+    target: str = TARGET  # which ONNX forms (bundle.precisions.EXPORT_TARGETS)
+
+    @property
+    def formats(self) -> dict[str, str]:
+        """precision -> ONNX form written (manifest ``quantization.formats``)."""
+        return EXPORT_TARGETS[self.target]
 
     def validate(self) -> tuple[str, ...]:
         """The precisions to write, highest first; a clear error for any impossible setting."""
@@ -48,4 +58,8 @@ class ExportOptions:
         if self.quantizer not in DATA_FREE:
             raise InputError(f"the export quantizes with {' or '.join(DATA_FREE)}, not {self.quantizer!r}",
                              "gptq runs as dymoe export --quantizer gptq --calibration-data FILE")
+        if self.target not in TARGETS:
+            raise InputError(f"unknown export --target {self.target!r}",
+                             f"choose {' or '.join(TARGETS)} (device profiles such as orin-nano-8gb are for check, "
+                             "run and build-engines; a Jetson's bundle is exported with --target tensorrt)")
         return highest_first(self.precisions)

@@ -54,6 +54,13 @@ def _targets(manifest: Manifest, options: RequantizeOptions) -> tuple[str, ...]:
     if not wanted:
         raise InputError("the bundle has no integer precision to requantize",
                          "name the ones to add with --precisions int4,int2")
+    other = [p for p in wanted if manifest.quantization.formats.get(p, FORMATS[p]) != FORMATS[p]]
+    if other:  # requantize writes the portable forms only; rewriting these would change their format
+        raise InputError(f"{', '.join(other)} of this bundle {'is' if len(other) == 1 else 'are'} in the "
+                         f"{manifest.quantization.formats[other[0]]} form (dymoe export --target tensorrt), "
+                         "which requantize does not write",
+                         "re-export with dymoe export --target tensorrt --quantizer rtn|hqq, or requantize other "
+                         "precisions (--precisions)")
     return tuple(p for p in PRECISIONS if p in wanted)
 
 

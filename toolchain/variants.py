@@ -10,10 +10,9 @@ from pathlib import Path
 from dymoe.bundle.fsutil import atomic_write_bytes
 from dymoe.bundle.manifest import ExpertVariant, FileEntry
 from dymoe.bundle.paths import resolve
-from dymoe.bundle.precisions import BITS
 
-from .expert_graph import build_expert_model
-from .quantizers import QuantizerOptions, quantize_expert
+from .forms import build_variant
+from .quantizers import QuantizerOptions
 
 
 def write_model(out: Path, rel: str, model) -> dict:
@@ -23,20 +22,16 @@ def write_model(out: Path, rel: str, model) -> dict:
 
 
 def write_expert(out: Path, rel: str, gate, up, down, precision: str, block_size: int, quantizer: QuantizerOptions,
-                 name: str, inputs=None) -> dict:
-    """Quantize (for an integer precision), build and atomically write one expert variant; return
-    its journal entry: file size and sha256, errors, and what quantized it."""
-    quant = None
-    if precision in BITS:
-        quant = quantize_expert(gate, up, down, precision, block_size, quantizer, inputs)
-    model, stats = build_expert_model(gate, up, down, precision, block_size, name=name,
-                                      quantized=quant.mats if quant else None)
-    entry = write_model(out, rel, model)
-    del model
-    entry.update(weight_rel_error=float(stats.weight_rel_error), output_rel_error=float(stats.output_rel_error))
-    if quant:
-        entry.update(quantizer=quant.quantizer, quantizer_note=quant.note, calibration_tokens=quant.tokens,
-                     routed_output_rel_error=quant.routed_output_rel_error)
+                 name: str, inputs=None, fmt: str | None = None) -> dict:
+    """Quantize (for an integer precision), build and atomically write one expert variant in format
+    ``fmt`` (default: the portable one of its precision); return its journal entry: file size and
+    sha256, errors, and what quantized it."""
+    v = build_variant(gate, up, down, precision, block_size, quantizer, name, inputs, fmt)
+    entry = write_model(out, rel, v.model)
+    entry.update(weight_rel_error=float(v.stats.weight_rel_error), output_rel_error=float(v.stats.output_rel_error))
+    if v.quantizer:
+        entry.update(quantizer=v.quantizer, quantizer_note=v.note, calibration_tokens=v.tokens,
+                     routed_output_rel_error=v.routed_output_rel_error)
     return entry
 
 
