@@ -36,7 +36,8 @@ class Bundle:
         return read_verified(self.path, self.manifest, rel)
 
     def session(self, rel: str, threads: int | None = None):
-        return create_session(self.read(rel), threads or backbone_threads(), str(self.path / rel), target=self.target)
+        return create_session(self.read(rel), threads or backbone_threads(), str(self.path / rel), target=self.target,
+                              arena=True)
 
     def expert_graph(self, precision: str, rel: str) -> dict:
         """What the session factory needs to know of an expert graph to place it: the target, the

@@ -25,9 +25,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-SAMPLES = 3
+SAMPLES = 4
 FORMS = ("engine", "bundle")  # how the loader builds engines: from the engine cache, or the bundle
-VERSION = 2  # of the measurement (a changed method re-measures)
+VERSION = 3  # of the measurement (a changed method re-measures)
 
 
 @dataclass(frozen=True)
@@ -47,48 +47,18 @@ class EngineCosts:
                            {k: int(v) for k, v in data["scratch"].items()})
 
 
-def _reset_peak() -> bool:
-    """Reset the kernel's peak-RSS counter (VmHWM) to the current RSS (Linux >= 4.0)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_rss() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def engine_bytes(bundle, rel: str, precision: str, form: str) -> bytes:
-    """The bytes the loader would build ``rel`` from in ``form``."""
-    from .engine_cache import CACHED_PRECISIONS
-    from .ort_session import create_session
-
-    data = bundle.read(rel)
-    if form == "bundle" or precision not in CACHED_PRECISIONS:
-        return data
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "optimised.onnx"
-        create_session(data, 1, rel, save_optimized=str(out))
-        return out.read_bytes()
-
-
 def measure_here(bundle_path: Path, form: str = "engine", samples: int = SAMPLES) -> EngineCosts:
-    """Measure in this process: smallest files first, everything kept alive until the end."""
+    """Measure in this process, loading through the runtime's own ``Loader`` (read, checksum,
+    build), smallest precisions first, every engine kept alive until the end."""
     import gc
 
     import numpy as np
 
     from .bundle import Bundle
-    from .engine_cache import CACHED_PRECISIONS
-    from .memory import current_rss, release_free_memory
-    from .ort_session import create_session
+    from .engine_cache import EngineCache
+    from .loader import Loader
+    from .memory import current_rss, peak_rss, release_free_memory, reset_peak
+    from .storage import Storage
 
     bundle = Bundle(bundle_path)
     spec = bundle.spec
@@ -98,33 +68,34 @@ def measure_here(bundle_path: Path, form: str = "engine", samples: int = SAMPLES
     sizes = {p: bundle.manifest.files[bundle.expert_rel(*first, p)].bytes for p in bundle.precisions}
     keep, resident, scratch = [], {}, {}
     x = np.zeros((1, spec.hidden_size), np.float32)
+    with tempfile.TemporaryDirectory() as tmp:
+        loader = Loader(bundle, Storage("cached"), workers=1,
+                        engine_cache=EngineCache(Path(tmp)) if form == "engine" else None)
 
-    def build(data: bytes, p: str):
-        cached = form == "engine" and p in CACHED_PRECISIONS
-        s = create_session(data, 1, p, optimize=not cached)
-        s.run(None, {"x": x})  # the first run allocates kernel buffers too
-        return s
+        def load(key, p):  # on a loader thread, as at run time (its malloc arena is another)
+            s = loader.submit(*key, p).result().session
+            s.run(None, {"x": x})  # the first run allocates kernel buffers too
+            return s
 
-    for p in bundle.precisions:  # one-time kernel and arena set-up must not count as expert cost
-        keep.append(build(engine_bytes(bundle, bundle.expert_rel(*first, p), p, form), p))
-    for p in sorted(bundle.precisions, key=sizes.get):
-        datas = [engine_bytes(bundle, bundle.expert_rel(layer, e, p), p, form) for layer, e in keys]
-        gc.collect()
-        release_free_memory()  # every measurement starts from a heap with no free pages
-        before = current_rss()
-        peak_over = 0
-        for data in datas:
-            tracked = _reset_peak()
-            copy = b"".join([data, b""])  # a fresh buffer, as the loader's read: part of the scratch
-            keep.append(build(copy, p))
-            del copy
-            peak = _peak_rss()
-            release_free_memory()  # the scratch is freed but stays in RSS until trimmed
-            if tracked:
-                peak_over = max(peak_over, peak - current_rss())
-        resident[p] = max(sizes[p], int((current_rss() - before) / len(keys)))
-        scratch[p] = peak_over if peak_over > 0 else 2 * sizes[p]
-        del datas
+        for p in bundle.precisions:  # one-time kernel set-up must not count as expert cost
+            keep.append(load(first, p))
+            for key in keys:  # the engine cache's optimised graphs, as a later run finds them
+                load(key, p)
+        for p in sorted(bundle.precisions, key=sizes.get):
+            gc.collect()
+            release_free_memory()  # every measurement starts from a heap with no free pages
+            before = current_rss()
+            peak_over = 0
+            for key in keys:
+                tracked = reset_peak()
+                keep.append(load(key, p))
+                peak = peak_rss()
+                release_free_memory()  # the scratch is freed but stays in RSS until trimmed
+                if tracked:
+                    peak_over = max(peak_over, peak - current_rss())
+            resident[p] = max(sizes[p], int((current_rss() - before) / len(keys)))
+            scratch[p] = peak_over if peak_over > 0 else 2 * sizes[p]
+        loader.close()
     return EngineCosts(resident, scratch)
 
 

@@ -273,6 +273,7 @@ class Orchestrator:
         r = self.resident.add((loaded.layer, loaded.expert), loaded.precision,
                               self.costs.resident[loaded.precision], loaded.session, prefetched=prefetch)
         self.memory.before_load(0)  # the load's scratch is free now
+        self.resident.reserve = self.memory.observe()
         self.c.resident(self.resident.used)
         return r
 
@@ -341,5 +342,7 @@ class Orchestrator:
             "load_throughput_bytes_per_s": t.bytes_read / t.busy_s if t.busy_s else None,
             "memory_base_bytes": self.memory.base,
             "heap_trims": self.memory.trims,
+            "memory_reserve_bytes": self.memory.reserve,
+            "peak_rss_above_base_bytes": self.memory.peak,
             **self.c.report(decode_tokens),
         }

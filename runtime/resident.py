@@ -40,6 +40,7 @@ class ResidentSet:
     resident: dict[Key, Resident] = field(default_factory=dict)
     loading: dict[Key, Loading] = field(default_factory=dict)
     clock: int = 0
+    reserve: int = 0  # of the budget, held back for memory the books do not see (memory.HeapGovernor)
 
     @property
     def used(self) -> int:
@@ -84,5 +85,5 @@ class ResidentSet:
         """Resident entries to evict so ``need`` more bytes fit beside everything resident and
         loading; None when evicting every unprotected, unpinned entry would not do."""
         pinned = {k for k, r in self.resident.items() if r.pinned}
-        budget = self.budget - sum(x.cost for x in self.loading.values())
+        budget = self.budget - self.reserve - sum(x.cost for x in self.loading.values())
         return choose_victims(self.resident, need, budget, self.eviction, set(protect) | pinned, self.priors)

@@ -173,7 +173,7 @@ def test_predicted_experts_union_of_token_top_m_ordered_by_score_mass():
 
 @pytest.mark.parametrize("text, want", [
     ("600MiB", 600 * 2**20), ("1.5GB", 1_500_000_000), ("800M", 800_000_000), ("25%", 250), ("100%", 1000),
-    ("4096", 4096), (" 2 GiB ", 2 * 2**30),
+    ("4096B", 4096), (" 2 GiB ", 2 * 2**30),
 ])
 def test_parse_budget(text, want):
     assert parse_budget(text, 1000) == want
@@ -183,6 +183,12 @@ def test_parse_budget(text, want):
 def test_parse_budget_rejects(text):
     with pytest.raises(InputError, match="--budget"):
         parse_budget(text, 1000)
+
+
+def test_a_bare_number_budget_needs_a_unit():
+    with pytest.raises(InputError, match="no unit") as e:
+        parse_budget("25", 1000)
+    assert "25%" in e.value.hint and "25MiB" in e.value.hint
 
 
 @pytest.mark.parametrize("name, ladder, cache, prefetch", [
