@@ -100,13 +100,15 @@ def run_bench(bundle_path: Path, opts: BenchOptions, progress: ProgressFn | None
     results, ref = [], None
     for budget in opts.budgets:
         base = replace(opts.base, budget=budget)
-        runs = speed_runs(bundle_path, opts.policies, base, prompts, opts.new_tokens, opts.repeats, counter)
+        runs, warm = speed_runs(bundle_path, opts.policies, base, prompts, opts.new_tokens, opts.repeats, counter)
         ppl, agree = {}, {}
         if ids is not None:
             ref, ppl, agree = accuracy(bundle_path, opts.policies, base, ids, opts.window, opts.windows, counter,
                                       reference=ref)
         summary = Comparison(runs, ppl, agree).summary()
-        results.append({"budget": budget, "policies": {p: {**summary[p], "runs": runs[p]} for p in opts.policies}})
+        warm_summary = Comparison(warm, ppl, agree).summary()
+        results.append({"budget": budget, "policies": {p: {**summary[p], "runs": runs[p]} for p in opts.policies},
+                        "warm": {p: {**warm_summary[p], "runs": warm[p]} for p in opts.policies}})
     reference = reference_precision(bundle.precisions)
     return {
         "bundle": str(bundle_path),

@@ -1,6 +1,8 @@
 """Policies side by side on one bundle, in one process: interleaved runs (A B C A B C ...)
-after a warm-up, a fresh cache per run, medians and spreads, ratios from the raw numbers, and
-held-out perplexity per policy beside the speed."""
+after a warm-up, medians and spreads, ratios from the raw numbers, and held-out perplexity per
+policy beside the speed. Each run opens the bundle afresh and generates twice: a cold prompt
+(empty expert cache, as right after start-up) and a warm one (the next prompt in the same
+session, as a long-running server sees)."""
 
 from __future__ import annotations
 
@@ -44,29 +46,40 @@ class Comparison:
         return out
 
 
-def _one_run(bundle: Path, plan: PolicyRun, prompt_ids: list[int], new_tokens: int) -> dict:
+def _one_run(bundle: Path, plan: PolicyRun, cold: list[int], warm: list[int] | None,
+             new_tokens: int) -> tuple[dict, dict | None]:
+    """Open the bundle, generate from ``cold`` (the cache starts empty), then from ``warm`` in the
+    same session (the cache as the first prompt left it, as a server's second request finds it)."""
     s: ModelSession = open_model(bundle, policy=plan)
     try:
-        return s.metrics(s.generate_ids(prompt_ids, max_new_tokens=new_tokens))
+        first = s.metrics(s.generate_ids(cold, max_new_tokens=new_tokens))
+        second = s.metrics(s.generate_ids(warm, max_new_tokens=new_tokens)) if warm is not None else None
+        return first, second
     finally:
         s.close()
 
 
 def speed_runs(bundle: Path, policies: list[str], base: PolicyRun, prompts: list[list[int]], new_tokens: int,
-               repeats: int, counter: Counter | None = None) -> dict[str, list[dict]]:
+               repeats: int, counter: Counter | None = None) -> tuple[dict[str, list[dict]], dict[str, list[dict]]]:
+    """Per policy, the cold runs (a fresh process-level cache each) and the warm runs (the next
+    prompt in the same session): ``(cold, warm)``, each policy -> one metrics dict per run."""
     plans = {p: replace(base, policy=p) for p in policies}
     for p in policies:  # warm-up: imports, measured costs, engine cache, page cache
-        _one_run(bundle, plans[p], prompts[0], 2)
+        _one_run(bundle, plans[p], prompts[0], None, 2)
         if counter:
             counter.tick(what=f"bench: warm-up {p}")
-    runs: dict[str, list[dict]] = {p: [] for p in policies}
+    cold: dict[str, list[dict]] = {p: [] for p in policies}
+    warm: dict[str, list[dict]] = {p: [] for p in policies}
     for r in range(repeats):
-        for prompt in prompts:
+        for i, prompt in enumerate(prompts):
+            following = prompts[(i + 1) % len(prompts)]
             for p in policies:  # interleaved, so drifts of a shared machine hit every policy alike
-                runs[p].append(_one_run(bundle, plans[p], prompt, new_tokens))
+                first, second = _one_run(bundle, plans[p], prompt, following, new_tokens)
+                cold[p].append(first)
+                warm[p].append(second)
                 if counter:
                     counter.tick(what=f"bench: round {r + 1}/{repeats}, {p}")
-    return runs
+    return cold, warm
 
 
 def accuracy(bundle: Path, policies: list[str], base: PolicyRun, ids: list[int], window: int, windows: int,

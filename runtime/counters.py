@@ -3,6 +3,8 @@ misses, promotions, skips, stalls, prefetches, predictions, load errors), and th
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
@@ -71,6 +73,20 @@ class RunCounters:
     def resident(self, used: int) -> None:
         self.peak_resident = max(self.peak_resident, used)
 
+    # --- one generation of many ---------------------------------------------------------------
+
+    def since(self, earlier: RunCounters) -> RunCounters:
+        """What happened after ``earlier`` (a copy taken then): counts and times subtracted, the
+        peak kept (it was reset when the copy was taken), later notes only."""
+        out = copy.deepcopy(self)
+        for f in dataclasses.fields(self):
+            if f.name not in ("peak_resident", "mix", "notes"):
+                setattr(out, f.name, getattr(self, f.name) - getattr(earlier, f.name))
+        out.mix = defaultdict(Counter, {layer: mix - earlier.mix.get(layer, Counter())
+                                        for layer, mix in self.mix.items()})
+        out.notes = self.notes[len(earlier.notes):]
+        return out
+
     # --- the report -------------------------------------------------------------------------
 
     def report(self, decode_tokens: int) -> dict:
@@ -91,5 +107,5 @@ class RunCounters:
             "prefetch_recall": self.pred_hits / self.actual_total if self.actual_total else None,
             "load_errors": self.load_errors,
             "notes": list(self.notes),
-            "precision_mix": {str(layer): dict(sorted(mix.items())) for layer, mix in sorted(self.mix.items())},
+            "precision_mix": {str(layer): dict(sorted(mix.items())) for layer, mix in sorted(self.mix.items()) if mix},
         }

@@ -69,6 +69,7 @@ class Loader:
     def __init__(self, bundle: Bundle, storage: Storage, workers: int = 1,
                  session_config: dict[str, str] | None = None, engine_cache: EngineCache | None = None) -> None:
         self.bundle = bundle
+        self.workers = workers
         self.storage = storage
         self.session_config = session_config
         self.engine_cache = engine_cache

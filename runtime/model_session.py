@@ -35,6 +35,7 @@ class ModelSession:
     orchestrator: object | None = None  # runtime.orchestrator.Orchestrator for budgeted policies
     _decode_bytes_from: int = 0
     _rss_peak: int = 0  # highest RSS sampled after each token of the last generation
+    _since: object = None  # the orchestrator's counters when the last generation began
 
     def generate(self, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
                  seed: int = 0, stream: Callable[[str], object] | None = None,
@@ -51,6 +52,8 @@ class ModelSession:
         loader = self.orchestrator.loader if self.orchestrator else None
 
         self._rss_peak = current_rss()
+        if self.orchestrator is not None:
+            self._since = self.orchestrator.begin()
 
         def on_token(t: int) -> None:
             self._rss_peak = max(self._rss_peak, current_rss())
@@ -89,7 +92,7 @@ class ModelSession:
         if self.orchestrator is not None:
             m.update(self.orchestrator.report(decode_tokens=max(len(times), 1),
                                               decode_bytes=self.orchestrator.loader.totals.bytes_read
-                                              - self._decode_bytes_from))
+                                              - self._decode_bytes_from, since=self._since))
         return m
 
     def totals(self) -> dict[str, int]:

@@ -14,6 +14,8 @@ T tokens of the step, H hidden, k experts per token, E experts per layer.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, wait
@@ -25,13 +27,22 @@ from dymoe.bundle.errors import BundleError, DymoeError, InputError
 from dymoe.bundle.precisions import RANK, SKIP
 
 from .bundle import Bundle
-from .cache import HIT, PROMOTE, Key, classify
+from .cache import HIT, PROMOTE, Key, Reuse, classify
 from .costs import EngineCosts
 from .counters import RunCounters
 from .experts import LayerStep, accumulate, groups
-from .loader import DEMAND, PREFETCH, Loaded, Loader
+from .loader import DEMAND, PREFETCH, Loaded, Loader, LoadTotals
 from .memory import HeapGovernor
-from .policy import minimum_working_set, plan_precisions, plan_prefetch, renormalise, step_importance
+from .policy import (
+    capped,
+    home_precisions,
+    minimum_working_set,
+    plan_from_homes,
+    plan_precisions,
+    plan_prefetch,
+    renormalise,
+    step_importance,
+)
 from .policy_config import PolicyConfig
 from .predictor import Predictor
 from .resident import Loading, ResidentSet
@@ -65,19 +76,29 @@ class Orchestrator:
         self.predicted: dict[int, set[int]] = {}  # layer -> experts predicted for it at this token
         self.memory = HeapGovernor(budget)
         self.priors = priors or {}
+        self.homes: dict[Key, str] | None = None  # each expert's highest precision (fit_precisions)
+        layers = tuple(self.spec.moe_layers)
+        self.resident.reuse = Reuse(layers, layers[0], self.spec.top_k / self.spec.num_experts, self.resident.decay)
         check_budget(config, costs, budget, self.spec.top_k)
 
     def start(self) -> None:
-        """The backbone is loaded: note the base footprint, then pin calibration's hot experts."""
+        """The backbone is loaded: note the base footprint, plan the experts' home precisions, then
+        pin calibration's hot experts."""
         self.memory.start()
+        if self.config.fit_precisions:
+            steps = [p for p in self.config.ladder if p != SKIP]
+            # leave room for the loads in flight (each holds its engine and build scratch)
+            capacity = self.resident.budget - self.loader.workers * max(self.costs.in_flight(p) for p in steps)
+            keys = [(layer, e) for layer in self.spec.moe_layers for e in range(self.spec.num_experts)]
+            self.homes = home_precisions(keys, self.priors, self.config.ladder, self.costs.resident, capacity)
         if self.config.pin_fraction > 0 and self.priors:
             self._pin_hot(self.priors)
 
     def _pin_hot(self, priors: dict[Key, float]) -> None:
         """Load and pin the experts calibration found hottest, up to pin_fraction of the budget."""
         room = int(self.config.pin_fraction * self.resident.budget)
-        p = self.config.ladder[0]
         for key in sorted(priors, key=lambda k: (-priors[k], k)):
+            p = self.config.ladder[0] if self.homes is None else capped(self.config.ladder[0], self.homes[key])
             if self.costs.resident[p] > room:
                 break
             self.memory.before_load(self.costs.in_flight(p))
@@ -93,7 +114,8 @@ class Orchestrator:
         decode = step.phase == "decode"
         importance = step_importance(step.phase, step.experts, step.weights, step.attn_colsum,
                                      self.config.heavy_fraction)
-        wanted = plan_precisions(importance, self.retention[step.layer], self.config.ladder)
+        wanted = self._plan(step.layer, importance)
+        self.resident.reuse = dataclasses.replace(self.resident.reuse, now=step.layer)
         self._account_prediction(step)
         self._cancel_stale(step.layer, {e for e, p in wanted.items() if p != SKIP})
         weights = step.weights
@@ -149,6 +171,17 @@ class Orchestrator:
         self.loader.close()
         self.resident.resident.clear()
         self.resident.loading.clear()
+
+    def _plan(self, layer: int, importance: dict[int, float]) -> dict[int, str]:
+        r = self.retention[layer]
+        if self.homes is None:
+            return plan_precisions(importance, r, self.config.ladder)
+        return plan_from_homes(importance, r, self.config.ladder, {e: self.homes[(layer, e)] for e in importance})
+
+    def _cap(self, layer: int, wanted: dict[int, str]) -> dict[int, str]:
+        if self.homes is None:
+            return wanted
+        return {e: capped(p, self.homes[(layer, e)]) for e, p in wanted.items()}
 
     # --- one expert's request -----------------------------------------------------------
 
@@ -220,27 +253,30 @@ class Orchestrator:
             target = self.predictor.ahead(step.layer, ahead)
             if target is None:
                 break
-            wants = plan_prefetch(self.predictor.scores(target, x), m, self.retention[target], self.config.ladder)
+            wants = self._cap(target, plan_prefetch(self.predictor.scores(target, x), m, self.retention[target],
+                                                    self.config.ladder))
             if ahead == 1:
                 self.predicted[target] = set(wants)
             protect = current | {(target, e) for e in wants}
-            for e, p in wants.items():
+            for i, (e, p) in enumerate(wants.items()):
                 key = (target, e)
                 if classify(self.resident.get(key), p) == HIT or key in self.resident.loading:
                     continue
-                if self._start_load(key, p, PREFETCH + ahead - 1, protect):
+                # beyond the m likeliest (a prompt predicts most of a layer), load only into free room
+                if self._start_load(key, p, PREFETCH + ahead - 1, protect, evict=i < m):
                     self.c.prefetch()
 
     # --- loading --------------------------------------------------------------------------
 
-    def _start_load(self, key: Key, precision: str, priority: int, protect: set[Key]) -> bool:
+    def _start_load(self, key: Key, precision: str, priority: int, protect: set[Key], evict: bool = True) -> bool:
         """Queue a load; the budget holds the engine and its build scratch until it lands. A
-        lower copy stays resident (and usable) meanwhile, so both count."""
+        lower copy stays resident (and usable) meanwhile, so both count. ``evict=False``: only
+        if it fits without evicting anything."""
         if key in self.resident.loading:
             return True
         cost = self.costs.in_flight(precision)
         victims = self.resident.victims(cost, protect | {key})
-        if victims is None:
+        if victims is None or (victims and not evict):
             return False
         for v in victims:
             self.resident.evict(v)
@@ -322,8 +358,20 @@ class Orchestrator:
 
     # --- metrics ------------------------------------------------------------------------
 
-    def report(self, decode_tokens: int, decode_bytes: int) -> dict:
-        t = self.loader.totals
+    def begin(self) -> tuple[RunCounters, LoadTotals]:
+        """A new generation starts: a copy of the counters to report it apart from earlier ones
+        (the cache stays warm), and its peak resident bytes start from what is resident now."""
+        self.c.peak_resident = self.resident.used
+        return copy.deepcopy(self.c), dataclasses.replace(self.loader.totals)
+
+    def report(self, decode_tokens: int, decode_bytes: int,
+               since: tuple[RunCounters, LoadTotals] | None = None) -> dict:
+        """The run's metrics; with ``since`` (from :meth:`begin`), those of one generation."""
+        c, t = self.c, self.loader.totals
+        if since is not None:
+            c = c.since(since[0])
+            t = LoadTotals(**{f.name: getattr(t, f.name) - getattr(since[1], f.name)
+                              for f in dataclasses.fields(LoadTotals)})
         return {
             "policy": self.config.name,
             "policy_config": dict(vars(self.config)),
@@ -344,5 +392,5 @@ class Orchestrator:
             "heap_trims": self.memory.trims,
             "memory_reserve_bytes": self.memory.reserve,
             "peak_rss_above_base_bytes": self.memory.peak,
-            **self.c.report(decode_tokens),
+            **c.report(decode_tokens),
         }

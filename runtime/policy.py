@@ -92,6 +92,53 @@ def choose_precisions(importance: Sequence[float], retention: float, ladder: Seq
     return out
 
 
+def home_precisions(keys: Sequence[tuple[int, int]], priors: dict[tuple[int, int], float], ladder: Sequence[str],
+                    cost: dict[str, int], capacity: int) -> dict[tuple[int, int], str]:
+    """The precision each expert runs at when it is critical (its *home*; the others run a step
+    lower), chosen so that every expert at its home fits in ``capacity`` bytes when it can: all
+    start at the ladder's lowest precision; then, one step at a time for everyone before anyone
+    takes two (int2 -> int4 for all buys more than int4 -> int8 for a few), the hottest experts
+    (calibration ``priors``; 1.0 is average) move up while the total fits. Asking for more than
+    fits would only trade one resident expert for another's promotion, read after read.
+
+    When not even the lowest step fits everyone, the cache must hold a subset anyway: every home
+    is then one step above the lowest (the paper's "critical at int4, the rest at int2")."""
+    steps = [p for p in ladder if p != SKIP]
+    if len(keys) * cost[steps[-1]] > capacity:
+        return {k: steps[max(0, len(steps) - 2)] for k in keys}
+    level = {k: len(steps) - 1 for k in keys}
+    total = len(keys) * cost[steps[-1]]
+    order = sorted(keys, key=lambda k: (-priors.get(k, 1.0), k))
+    for target in range(len(steps) - 2, -1, -1):
+        for k in order:
+            extra = cost[steps[target]] - cost[steps[level[k]]]
+            if total + extra > capacity:
+                break
+            level[k] = target
+            total += extra
+    return {k: steps[level[k]] for k in keys}
+
+
+def plan_from_homes(importance: dict[int, float], retention: float, ladder: Sequence[str],
+                    homes: dict[int, str]) -> dict[int, str]:
+    """Like :func:`plan_precisions`, with each expert's ladder starting at its home: the critical
+    experts run at their homes, the others ``tier`` steps lower (ending at the ladder's last step,
+    which may be skip)."""
+    experts = sorted(importance)
+    order = np.argsort(-np.asarray([importance[e] for e in experts], dtype=np.float64), kind="stable")
+    out = {}
+    for rank, idx in enumerate(order):
+        e = experts[idx]
+        tier = tier_of(rank, len(experts), retention, len(ladder))
+        out[e] = ladder[min(ladder.index(homes[e]) + tier, len(ladder) - 1)]
+    return out
+
+
+def capped(precision: str, home: str) -> str:
+    """``precision``, but never above ``home`` (skip stays skip)."""
+    return precision if precision == SKIP or RANK[precision] <= RANK[home] else home
+
+
 def top_count(n: int, fraction: float) -> int:
     """How many entries "the top ``fraction``" of ``n`` means: ceil(fraction * n), at least 1."""
     return max(1, min(n, math.ceil(fraction * n - 1e-9)))
@@ -155,12 +202,11 @@ def predicted_experts(scores: np.ndarray, m: int) -> list[int]:
 
 
 def plan_prefetch(scores: np.ndarray, m: int, retention: float, ladder: Sequence[str]) -> dict[int, str]:
-    """What to load ahead for a later layer: its likeliest ``m`` experts (per token, from the
-    predictor's scores), each at the precision the policy will want (importance: the newest
-    token's score); skipped experts need no load."""
+    """What to load ahead for a later layer, likeliest first: each token's ``m`` likeliest experts
+    (from the predictor's scores; a prompt's tokens together touch most experts), each at the
+    precision the policy will want (importance: the newest token's score); skipped experts need no
+    load. The caller decides how many of them it can afford."""
     experts = predicted_experts(scores, m)
-    if len(scores) > 1:  # a prompt touches most experts: fetch only the likeliest
-        experts = experts[:m]
     last = scores[-1]
     importance = [float(last[e]) if np.isfinite(last[e]) else -1e30 for e in experts]
     plan = dict(zip(experts, choose_precisions(importance, retention, ladder), strict=True))

@@ -17,7 +17,7 @@ from .policy import parse_ladder
 
 POLICIES = ("ondemand", "lru", "lru-prefetch", "static-int4", "static-int2", "dymoe")
 SCHEDULES = ("constant", "cosine", "calibrated")
-EVICTIONS = ("lru", "priority")
+EVICTIONS = ("lru", "priority", "reuse")
 
 
 @dataclass
@@ -36,6 +36,7 @@ class PolicyConfig:
     serve_lower_while_promoting: bool = False
     heavy_fraction: float = 0.1  # prefill: share of prompt tokens that count as heavy hitters
     pin_fraction: float = 0.0  # share of the budget pinned to calibration's hottest experts
+    fit_precisions: bool = False  # cap each expert's precision so all of them fit (policy.home_precisions)
     on_load_error: str = "error"  # or "fallback": use another precision of that expert
     loader_workers: int = 2  # one reads while another builds; ORT releases the GIL in both
 
@@ -44,16 +45,20 @@ def preset(name: str, precisions: list[str], top: str | None = None) -> dict:
     """Settings of a named policy for a bundle with ``precisions`` (highest first); ``top`` is
     the full precision of the baselines (default: the highest)."""
     top = top or precisions[0]
-    low = [p for p in ("int4", "int2") if p in precisions]
+    steps = [p for p in ("int8", "int4", "int2") if p in precisions]
     presets = {
         "ondemand": dict(ladder=top, cache=False),
         "lru": dict(ladder=top),
         "lru-prefetch": dict(ladder=top, prefetch=1),
         "static-int4": dict(ladder="int4"),
         "static-int2": dict(ladder="int2"),
-        # the paper's "4/2" with a cosine depth schedule, look-ahead prefetch and priority eviction
-        "dymoe": dict(ladder="/".join(low) if len(low) == 2 else top, retention=0.5, retention_max=1.0,
-                      schedule="cosine", prefetch=1, eviction="priority"),
+        # the paper's critical-high / rest-low precision with a cosine depth schedule, look-ahead
+        # prefetch; beyond the paper: each expert's top precision fitted to the budget (hot experts
+        # int8 when everything fits at int4, int4/int2 when little fits), reuse-distance eviction,
+        # and a resident lower copy answering while its promotion loads
+        "dymoe": dict(ladder="/".join(steps) if len(steps) > 1 else top, retention=0.5, retention_max=1.0,
+                      schedule="cosine", prefetch=1, eviction="reuse", fit_precisions=True,
+                      serve_lower_while_promoting=True),
     }
     if name not in presets:
         raise InputError(f"unknown policy {name!r}", f"choose one of {', '.join(POLICIES)}")

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-from .cache import Entry, Key, choose_victims
+from .cache import Entry, Key, Reuse, choose_victims
 
 
 @dataclass
@@ -41,6 +41,7 @@ class ResidentSet:
     loading: dict[Key, Loading] = field(default_factory=dict)
     clock: int = 0
     reserve: int = 0  # of the budget, held back for memory the books do not see (memory.HeapGovernor)
+    reuse: Reuse | None = None  # the layer cycle, for "reuse" eviction (the orchestrator moves ``now``)
 
     @property
     def used(self) -> int:
@@ -86,4 +87,5 @@ class ResidentSet:
         loading; None when evicting every unprotected, unpinned entry would not do."""
         pinned = {k for k, r in self.resident.items() if r.pinned}
         budget = self.budget - self.reserve - sum(x.cost for x in self.loading.values())
-        return choose_victims(self.resident, need, budget, self.eviction, set(protect) | pinned, self.priors)
+        return choose_victims(self.resident, need, budget, self.eviction, set(protect) | pinned, self.priors,
+                              self.reuse)

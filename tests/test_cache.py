@@ -6,7 +6,17 @@ from concurrent.futures import Future
 
 import pytest
 
-from dymoe.runtime.cache import HIT, MISS, PROMOTE, Entry, choose_victims, classify, eviction_order
+from dymoe.runtime.cache import (
+    HIT,
+    MISS,
+    PROMOTE,
+    Entry,
+    Reuse,
+    choose_victims,
+    classify,
+    eviction_order,
+    reuse_distance,
+)
 from dymoe.runtime.resident import Loading, ResidentSet
 
 
@@ -82,3 +92,30 @@ def test_tick_decays_use_counts():
     c.touch((0, 0))
     assert c.get((0, 0)).uses == pytest.approx(1.5)
     assert c.get((0, 0)).last_used == 1
+
+
+CYCLE = Reuse(layers=(0, 1, 2, 3), now=1, base_rate=0.25, decay=0.9)
+
+
+@pytest.mark.parametrize("key, uses, prior, want", [
+    # an average expert (rate 0.25 from the prior, 0.25 observed: 2.5 uses at decay 0.9)
+    ((2, 0), 2.5, 1.0, 1 + 4 * 3),  # its layer runs next: 1 step, then it sits out 3 tokens on average
+    ((1, 0), 2.5, 1.0, 4 + 4 * 3),  # the layer running now comes round last
+    ((0, 0), 2.5, 1.0, 3 + 4 * 3),
+    ((2, 0), 10.0, 4.0, 1),  # used by every token: only the steps to its layer
+    ((2, 0), 0.0, 0.0, 1 + 4 * 999),  # never seen, no prior: the floor rate of 1 in 1000
+])
+def test_reuse_distance(key, uses, prior, want):
+    assert reuse_distance(key, Entry("int4", 1, 0, uses), prior, CYCLE) == pytest.approx(want)
+
+
+def test_reuse_eviction_keeps_the_layer_that_runs_next():
+    # LRU would evict layer 2's entries first (used longest ago), just before layer 2 needs them
+    es = entries(k2_0=(1, 2.5), k2_1=(1, 2.5), k1_0=(4, 2.5), k1_1=(4, 2.5))
+    assert eviction_order(es, "lru")[:2] == [(2, 0), (2, 1)]
+    assert eviction_order(es, "reuse", reuse=CYCLE)[:2] == [(1, 0), (1, 1)]
+    # a hot expert of the current layer outlasts a cold one of the next
+    es = entries(k2_0=(1, 0.2), k1_0=(4, 9.0))
+    assert eviction_order(es, "reuse", reuse=CYCLE) == [(2, 0), (1, 0)]
+    with pytest.raises(ValueError, match="layer cycle"):
+        eviction_order(es, "reuse")

@@ -16,7 +16,9 @@ from dymoe.runtime.policy import (
     cosine_retention,
     critical_count,
     heavy_hitter_counts,
+    home_precisions,
     parse_ladder,
+    plan_from_homes,
     plan_precisions,
     plan_prefetch,
     predicted_experts,
@@ -121,13 +123,58 @@ def test_plan_precisions(importance, r, ladder, want):
     ([[0.1, 0.6, 0.05, 0.25]], 2, 0.5, ["int4", "int2"], {1: "int4", 3: "int2"}),
     # the skipped step needs no load
     ([[0.1, 0.6, 0.05, 0.25]], 2, 0.5, ["int4", SKIP], {1: "int4"}),
-    # prefill: the union over tokens, cut to the m likeliest overall
-    ([[0.5, 0.4, 0.05, 0.05], [0.05, 0.4, 0.5, 0.05]], 2, 1.0, ["int4"], {1: "int4", 0: "int4"}),
+    # prefill: the union over tokens, likeliest overall first (the caller affords what it can)
+    ([[0.5, 0.4, 0.05, 0.05], [0.05, 0.4, 0.5, 0.05]], 2, 1.0, ["int4"], {1: "int4", 0: "int4", 2: "int4"}),
     # DeepSeek-V3: masked groups (-inf) are never fetched
     ([[-np.inf, 0.9, -np.inf, 0.3]], 3, 1.0, ["int8", "int4"], {1: "int8", 3: "int8"}),
 ])
 def test_plan_prefetch(scores, m, r, ladder, want):
-    assert plan_prefetch(np.array(scores), m, r, ladder) == want
+    got = plan_prefetch(np.array(scores), m, r, ladder)
+    assert got == want and list(got) == list(want)  # in order, likeliest first
+
+
+KEYS = [(0, 0), (0, 1), (1, 0), (1, 1)]
+HOT = {(0, 0): 2.0, (0, 1): 0.5, (1, 0): 1.5, (1, 1): 0.1}
+COST = {"int8": 4, "int4": 2, "int2": 1}
+
+
+@pytest.mark.parametrize("capacity, want", [
+    # everything at int8 fits
+    (16, {(0, 0): "int8", (0, 1): "int8", (1, 0): "int8", (1, 1): "int8"}),
+    # all at int4 (8) and room for two upgrades of 2: the two hottest
+    (12, {(0, 0): "int8", (0, 1): "int4", (1, 0): "int8", (1, 1): "int4"}),
+    (11, {(0, 0): "int8", (0, 1): "int4", (1, 0): "int4", (1, 1): "int4"}),
+    # everyone up one step before anyone takes two
+    (7, {(0, 0): "int4", (0, 1): "int4", (1, 0): "int4", (1, 1): "int2"}),
+    (4, {k: "int2" for k in KEYS}),
+    # not even int2 for all: homes one step above the lowest (critical int4, the rest int2)
+    (3, {k: "int4" for k in KEYS}),
+])
+def test_home_precisions(capacity, want):
+    assert home_precisions(KEYS, HOT, ["int8", "int4", "int2"], COST, capacity) == want
+
+
+def test_home_precisions_without_priors_go_in_key_order():
+    got = home_precisions(KEYS, {}, ["int4", "int2"], COST, 6)
+    assert got == {(0, 0): "int4", (0, 1): "int4", (1, 0): "int2", (1, 1): "int2"}
+
+
+@pytest.mark.parametrize("importance, r, homes, want", [
+    # the critical expert at its home, the other one step lower
+    ({3: 0.7, 5: 0.3}, 0.5, {3: "int8", 5: "int8"}, {3: "int8", 5: "int4"}),
+    ({3: 0.7, 5: 0.3}, 0.5, {3: "int4", 5: "int8"}, {3: "int4", 5: "int4"}),
+    # never below the ladder's last step
+    ({3: 0.7, 5: 0.3}, 0.5, {3: "int2", 5: "int2"}, {3: "int2", 5: "int2"}),
+    # r = 1: everyone critical
+    ({3: 0.7, 5: 0.3}, 1.0, {3: "int4", 5: "int2"}, {3: "int4", 5: "int2"}),
+])
+def test_plan_from_homes(importance, r, homes, want):
+    assert plan_from_homes(importance, r, ["int8", "int4", "int2"], homes) == want
+
+
+def test_plan_from_homes_can_end_in_skip():
+    assert plan_from_homes({1: 0.9, 2: 0.1}, 0.5, ["int4", "int2", SKIP], {1: "int2", 2: "int2"}) == \
+        {1: "int2", 2: SKIP}
 
 
 @pytest.mark.parametrize("importance, r, ladder, want", [
@@ -197,7 +244,7 @@ def test_a_bare_number_budget_needs_a_unit():
     ("lru-prefetch", ["fp16"], True, 1),
     ("static-int4", ["int4"], True, 0),
     ("static-int2", ["int2"], True, 0),
-    ("dymoe", ["int4", "int2"], True, 1),
+    ("dymoe", ["int8", "int4", "int2"], True, 1),
 ])
 def test_presets(name, ladder, cache, prefetch):
     cfg = resolve(name, ["fp16", "int8", "int4", "int2"])
