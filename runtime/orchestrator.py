@@ -18,7 +18,7 @@ import copy
 import dataclasses
 import time
 from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, Future, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
 import numpy as np
 
@@ -77,6 +77,7 @@ class Orchestrator:
         self.memory = HeapGovernor(budget)
         self.priors = priors or {}
         self.homes: dict[Key, str] | None = None  # each expert's highest precision (fit_precisions)
+        self._pool: ThreadPoolExecutor | None = None  # prefill's expert threads (compute_threads)
         layers = tuple(self.spec.moe_layers)
         self.resident.reuse = Reuse(layers, layers[0], self.spec.top_k / self.spec.num_experts, self.resident.decay)
         check_budget(config, costs, budget, self.spec.top_k)
@@ -145,8 +146,14 @@ class Orchestrator:
         x = step.router_input
         tokens = {e: tok for e, tok, _ in groups(step)}
         outputs: dict[int, np.ndarray] = {}
+        # a prompt's experts are independent matmuls on their own tokens: run them side by side
+        pool = self._compute_pool() if step.phase == "prefill" else None
+        running: dict[Future, int] = {}
 
         def forward(e: int, session) -> None:
+            if pool is not None:
+                running[pool.submit(session.run, [io.EXPERT_OUT], {io.EXPERT_IN: x[tokens[e]]})] = e
+                return
             outputs[e] = session.run([io.EXPERT_OUT], {io.EXPERT_IN: x[tokens[e]]})[0]
             if not self.config.cache:
                 self.resident.evict((step.layer, e))
@@ -165,9 +172,22 @@ class Orchestrator:
             session = self._load_now((step.layer, e), wanted[e], protect - {(step.layer, d) for d in outputs}).session
             self.c.stall(time.perf_counter() - t, decode)
             forward(e, session)
+        for future, e in running.items():
+            outputs[e] = future.result()[0]
+            if not self.config.cache:
+                self.resident.evict((step.layer, e))
         return accumulate(step, outputs, weights)
 
+    def _compute_pool(self) -> ThreadPoolExecutor | None:
+        if self.config.compute_threads <= 1:
+            return None
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.config.compute_threads, thread_name_prefix="dymoe-expert")
+        return self._pool
+
     def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
         self.loader.close()
         self.resident.resident.clear()
         self.resident.loading.clear()

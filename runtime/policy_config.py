@@ -39,6 +39,7 @@ class PolicyConfig:
     fit_precisions: bool = False  # cap each expert's precision so all of them fit (policy.home_precisions)
     on_load_error: str = "error"  # or "fallback": use another precision of that expert
     loader_workers: int = 2  # one reads while another builds; ORT releases the GIL in both
+    compute_threads: int = 1  # a prompt's experts run on this many threads at once (ORT releases the GIL)
 
 
 def preset(name: str, precisions: list[str], top: str | None = None) -> dict:
@@ -105,6 +106,7 @@ def _validate(cfg: PolicyConfig) -> None:
         (cfg.on_load_error in ("error", "fallback"), f"on_load_error {cfg.on_load_error!r}",
          "choose error or fallback"),
         (cfg.loader_workers >= 1, f"loader_workers {cfg.loader_workers}", "use at least 1"),
+        (cfg.compute_threads >= 1, f"compute_threads {cfg.compute_threads}", "use at least 1"),
         (cfg.cache or cfg.prefetch == 0, "prefetch without a cache", "prefetched experts need a cache"),
         (cfg.ladder[-1] != SKIP or len(cfg.ladder) > 1, f"ladder {cfg.ladder}", "a ladder needs a precision"),
     ]

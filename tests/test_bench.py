@@ -56,8 +56,14 @@ def test_bench_json_has_every_metric_and_raw_ratios(tiny_qwen3, heldout, tmp_pat
                     assert r[f"{k}_speedup_vs_{base}"] == pytest.approx(want)
         # at full precision and full budget the baselines compute exactly the reference
         assert pol["lru"]["top1_agreement"] == 1.0
+        # the same session's next prompt, with the cache as the first one left it
+        assert list(entry["warm"]) == list(entry["policies"])
+        for name, r in entry["warm"].items():
+            assert len(r["runs"]) == len(entry["policies"][name]["runs"]) and r["tpot_s"] > 0
+        assert entry["warm"]["lru"]["hit_rate"] >= entry["policies"]["lru"]["hit_rate"] or entry["budget"] != "100%"
     assert result["reference"]["precision"] == "fp32"
-    assert {p.name for p in plots.iterdir()} == {"tpot_vs_perplexity.png", "ttft.png", "precision_mix.png"}
+    assert {p.name for p in plots.iterdir()} == {"front.png", "tpot_vs_perplexity.png", "ttft.png",
+                                                 "precision_mix.png"}
     assert "TPOT x lru" in proc.stdout
 
 

@@ -128,8 +128,8 @@ def test_prefetch_overlaps_loading(tmp_path, monkeypatch):
     bundle = tmp_path / "b"
     export(str(src), bundle, ExportOptions(precisions=("fp32",)))
     real = loader_mod.create_session
-    monkeypatch.setattr(loader_mod, "create_session", lambda *a, **k: _HeavyExpert(real(*a, **k), 0.02))
-    slow = tmp_path / "slow.toml"  # a load takes about as long as a layer's experts compute
+    monkeypatch.setattr(loader_mod, "create_session", lambda *a, **k: _HeavyExpert(real(*a, **k), 0.04))
+    slow = tmp_path / "slow.toml"  # a load takes less time than a layer's experts compute
     slow.write_text('name = "slow"\nread_mb_per_s = 20.0\nlatency_ms = 15.0\n')
     runs = {}
     for policy in ("lru", "lru-prefetch"):

@@ -16,8 +16,14 @@ def run(pieces: list[str], stops: list[str]) -> tuple[list[str], bool]:
 
 
 def expected(text: str, stops: list[str]) -> str:
-    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return text[: min(hits)] if hits else text
+    """Generation ends as soon as a stop string has been produced: at the first length where some
+    stop string occurs, the text up to the earliest one found by then (a longer stop that began
+    earlier but would complete later never gets the chance)."""
+    for end in range(1, len(text) + 1):
+        hits = [i for i in (text[:end].find(s) for s in stops if s) if i >= 0]
+        if hits:
+            return text[: min(hits)]
+    return text
 
 
 def test_a_stop_string_split_across_pieces_is_never_shown():
@@ -33,6 +39,12 @@ def test_held_text_that_turns_out_harmless_is_released():
 
 def test_the_earliest_of_several_stops_wins():
     assert run(["one two three"], ["three", "two"]) == (["one ", ""], True)
+
+
+def test_the_first_stop_to_complete_ends_the_text():
+    # "a" completes first; "\nab", which began earlier, would only have completed a token later
+    shown, stopped = run(["b\na", "bcaa"], ["\nab", "\na\n", "a"])
+    assert stopped and "".join(shown) == "b\n"
 
 
 @given(st.text(alphabet="abc\n", max_size=40), st.lists(st.integers(1, 5), max_size=20),
