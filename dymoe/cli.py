@@ -543,6 +543,11 @@ def _print_run_summary(m: dict) -> None:
             f"{'-' if pp is None else f'{pp:.2f}'}/{'-' if pr is None else f'{pr:.2f}'} | "
             f"loads {m['loads']} (read {m['load_read_s']:.2f} s, engine {m['load_create_s']:.2f} s) | "
             f"{m['storage']}[/]", highlight=False)
+        slow, reads = m.get("storage_slower_than_profile", 0), m.get("storage_reads", 0)
+        if m.get("emulated_storage") and reads and slow * 2 > reads:
+            err.print(f"note: {slow} of {reads} reads took longer on this machine's storage than the emulated "
+                      "profile allows; emulation only slows reads down, so those ran at this machine's speed",
+                      highlight=False)
 
 
 @app.command()

@@ -123,5 +123,8 @@ class HeapGovernor:
         peak = peak_rss()
         self.peak = max(self.peak, peak - self.base)
         if reset_peak():
-            self.reserve = learned_reserve(self.reserve, peak, self.limit, self.budget // 2)
+            # excess within half the documented slack is noise of the whole process (Python's heap,
+            # activations): learning from it would cost a small budget half its room
+            self.reserve = learned_reserve(self.reserve, peak, self.limit + FOOTPRINT_SLACK_BYTES // 2,
+                                           self.budget // 2)
         return self.reserve

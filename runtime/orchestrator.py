@@ -401,6 +401,8 @@ class Orchestrator:
             "build_scratch_bytes": self.costs.scratch,
             "storage": self.loader.storage.label,
             "emulated_storage": self.loader.storage.profile is not None,
+            "storage_reads": self.loader.storage.reads,  # emulated reads in the run so far
+            "storage_slower_than_profile": self.loader.storage.slower_than_profile,
             "bytes_read": t.bytes_read,
             "bytes_read_per_token": decode_bytes / decode_tokens,
             "loads": t.loads,

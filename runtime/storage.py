@@ -5,7 +5,9 @@
 load pays for storage; O_DIRECT would need aligned buffers that Python cannot hand to ORT
 without a copy. Emulation sleeps for whatever the real read left of the profile's time, on one
 device for all threads: requests overlap their latency (a queue), but transfers share the
-bandwidth, so two loader threads do not get twice the profile's speed.
+bandwidth, so two loader threads do not get twice the profile's speed. Emulation only slows reads
+down: where this machine's storage is slower than the profile, reads run at its own speed, and
+the run says so (``slower_than_profile``).
 """
 
 from __future__ import annotations
@@ -80,6 +82,8 @@ class Storage:
         self.profile = profile
         self._lock = threading.Lock()
         self._free_at = 0.0  # when the emulated device finishes its queued transfers
+        self.reads = 0
+        self.slower_than_profile = 0  # reads this machine's storage took longer for than the profile
 
     @property
     def label(self) -> str:
@@ -112,6 +116,9 @@ class Storage:
                 start = max(t0 + self.profile.latency_ms / 1e3, self._free_at)
                 finish = self._free_at = start + len(data) / (self.profile.read_mb_per_s * 1e6)
             wait = finish - time.perf_counter()
+            with self._lock:
+                self.reads += 1
+                self.slower_than_profile += wait <= 0
             if wait > 0:
                 time.sleep(wait)
         return ReadResult(data, time.perf_counter() - t0, (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))

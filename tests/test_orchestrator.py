@@ -133,7 +133,7 @@ def test_prefetch_overlaps_loading(tmp_path, monkeypatch):
     slow.write_text('name = "slow"\nread_mb_per_s = 20.0\nlatency_ms = 15.0\n')
     runs = {}
     for policy in ("lru", "lru-prefetch"):
-        run = PolicyRun(policy, "30%", storage_profile=str(slow))
+        run = PolicyRun(policy, "50%", storage_profile=str(slow))  # room for loads in flight
         s = open_model(bundle, policy=run)
         try:
             r = s.generate_ids([int(t) for t in np.arange(1, 9)], max_new_tokens=10)
@@ -143,7 +143,8 @@ def test_prefetch_overlaps_loading(tmp_path, monkeypatch):
     assert runs["lru-prefetch"]["prefetch_recall"] > 0.8
     assert runs["lru"]["emulated_storage"] and runs["lru-prefetch"]["load_read_s"] > 0
     assert runs["lru-prefetch"]["prefetch_used"] > 0.8 * runs["lru-prefetch"]["prefetch_issued"]
-    assert runs["lru-prefetch"]["stall_per_token_s"] < 0.7 * runs["lru"]["stall_per_token_s"]
+    assert runs["lru-prefetch"]["stall_per_token_s"] < 0.7 * runs["lru"]["stall_per_token_s"], {
+        p: (r["stall_per_token_s"], r["hit_rate"], r["prefetch_used"], r["loads"]) for p, r in runs.items()}
 
 
 def test_ctrl_c_during_generation_exits_cleanly(tmp_path, tiny_qwen3):
