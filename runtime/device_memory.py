@@ -45,8 +45,17 @@ def device_costs(manifest: Manifest, target: ExecutionTarget) -> dict[str, int]:
 
 
 def backbone_bytes(manifest: Manifest) -> int:
-    bb = manifest.backbone
-    return sum(manifest.files[r].bytes for r in [bb.embed, *bb.layers, bb.head, *bb.routers])
+    """The backbone resident: its graphs and their external data as stored, except that ONNX Runtime
+    folds the Cast of an fp16 linear weight into a float32 copy (twice the bytes; an fp16 embedding
+    table is read by a Gather and stays fp16). Quantized weights stay packed (MatMulNBits)."""
+    bb, files = manifest.backbone, manifest.files
+
+    def size(rel: str) -> int:
+        return files[rel].bytes + sum(files[d].bytes for d in bb.external_data.get(rel, ()))
+
+    total = sum(size(r) for r in bb.graphs())
+    total += sum(size(r) for r in bb.layers) if bb.precision == "fp16" else 0
+    return total + (size(bb.head) if bb.lm_head == "fp16" else 0)
 
 
 def kv_bytes(manifest: Manifest) -> int:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from dymoe.bundle.errors import InputError
-from dymoe.bundle.precisions import EXPORT_TARGETS, highest_first
+from dymoe.bundle.precisions import BACKBONE_PRECISIONS, EXPORT_TARGETS, highest_first
 from dymoe.bundle.precisions import PRECISIONS as ALL_PRECISIONS
 from dymoe.bundle.progress import ProgressFn
 
@@ -23,6 +23,12 @@ WORKERS = 1
 # fp16-scaled INT4 and fp16 arithmetic for TensorRT, MatMulNBits int8/int2 for ORT's CUDA provider)
 TARGET = "ort"
 TARGETS = tuple(EXPORT_TARGETS)
+# The backbone's linear weights (attention, shared experts, dense MLPs, LM head) and embedding table:
+# chosen by measurement, see README "Backbone precision"
+BACKBONE_PRECISION = "fp32"
+# A graph whose tensors pass this many bytes keeps its largest ones in ONNX external data beside it
+# (a protobuf cannot exceed 2 GiB; 1 GiB leaves room for the graph itself). Tests make it tiny.
+EXTERNAL_DATA_BYTES = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -37,6 +43,8 @@ class ExportOptions:
     fingerprint_extra: tuple[tuple[str, str], ...] = ()
     reserve_bytes: int = 0  # disk space a pipeline's later stages will need in the bundle (checked up front)
     target: str = TARGET  # which ONNX forms (bundle.precisions.EXPORT_TARGETS)
+    backbone_precision: str = BACKBONE_PRECISION  # bundle.precisions.BACKBONE_PRECISIONS
+    external_data_bytes: int = EXTERNAL_DATA_BYTES
 
     @property
     def formats(self) -> dict[str, str]:
@@ -62,4 +70,9 @@ class ExportOptions:
             raise InputError(f"unknown export --target {self.target!r}",
                              f"choose {' or '.join(TARGETS)} (device profiles such as orin-nano-8gb are for check, "
                              "run and build-engines; a Jetson's bundle is exported with --target tensorrt)")
+        if self.backbone_precision not in BACKBONE_PRECISIONS:
+            raise InputError(f"unknown --backbone-precision {self.backbone_precision!r}",
+                             f"choose from {', '.join(BACKBONE_PRECISIONS)}")
+        if self.external_data_bytes < 0:
+            raise InputError(f"external data threshold {self.external_data_bytes} must not be negative")
         return highest_first(self.precisions)
