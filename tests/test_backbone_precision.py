@@ -168,3 +168,11 @@ def test_unknown_backbone_precision_is_refused():
     with pytest.raises(InputError, match="--backbone-precision 'int2'"):
         ExportOptions(backbone_precision="int2").validate()
 
+
+
+def test_cli_refuses_an_unknown_backbone_precision_in_two_lines(tiny_qwen3, tmp_path):
+    from test_safety import assert_clean_error, dymoe
+
+    proc = dymoe("export", tiny_qwen3.src, "--out", tmp_path / "b", "--backbone-precision", "int2")
+    assert_clean_error(proc, "--backbone-precision 'int2'", "fp32, fp16, int8, int4")
+    assert not (tmp_path / "b").exists()
