@@ -131,6 +131,7 @@ class Backbone:
     embedding: str = "fp32"  # the embedding table (VOCAB_PRECISIONS)
     lm_head: str = "fp32"  # the LM head's weight (VOCAB_PRECISIONS)
     quantizer: str | None = None  # rtn | hqq: what chose the integer codes (blocks of quantization.block_size)
+    formats: dict[str, str] = field(default_factory=dict)  # integer precision of a linear -> qdq | matmulnbits
     # graph -> the files holding its large tensors (ONNX external data, beside the graph; each in `files`):
     # a protobuf cannot exceed 2 GiB, and a 151,936 x 2048 float32 embedding alone is 1.2 GB
     external_data: dict[str, list[str]] = field(default_factory=dict)
@@ -304,6 +305,10 @@ def _check_backbone_storage(b: Backbone) -> list[tuple[str, str]]:
     if (b.quantizer is None) == any(p in BITS for p in (b.precision, b.embedding, b.lm_head)):
         raise _corrupt(f"backbone.quantizer is {b.quantizer!r}: it names the quantizer exactly when a backbone "
                        "precision is an integer one")
+    linears = {p for p in (b.precision, b.lm_head) if p in BITS}
+    if set(b.formats) != linears or any(f not in ("qdq", "matmulnbits") for f in b.formats.values()):
+        raise _corrupt(f"backbone.formats {b.formats} must give qdq or matmulnbits for each integer precision of "
+                       f"the linears ({', '.join(sorted(linears)) or 'none'})")
     graphs, seen, refs = set(b.graphs()), set(), []
     for graph, data in b.external_data.items():
         if graph not in graphs:

@@ -47,3 +47,9 @@ def highest_first(precisions) -> tuple[str, ...]:
 BACKBONE_PRECISIONS = ("fp32", "fp16", "int8", "int4")
 VOCAB_PRECISIONS = ("fp32", "fp16", "int8")  # embedding table and LM head
 VOCAB_OF = {"fp32": "fp32", "fp16": "fp16", "int8": "int8", "int4": "int8"}
+# The form of the backbone's integer linears (manifest ``backbone.formats``). The backbone runs on ONNX
+# Runtime (CPU or CUDA provider), never TensorRT. Portable QDQ is fused into MatMulNBits by the CPU
+# provider at both widths, by the CUDA provider at 4 bits only; so the export for a Jetson
+# (--target tensorrt) writes int8 as MatMulNBits, which the CUDA provider runs, rather than leave a
+# DequantizeLinear to expand every weight each step (the LM head: 1.2 GB of float32 per token).
+BACKBONE_FORMATS = {"ort": {"int8": "qdq", "int4": "qdq"}, "tensorrt": {"int8": "matmulnbits", "int4": "qdq"}}

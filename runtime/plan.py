@@ -69,14 +69,16 @@ class PlanFacts:
 
 def facts_of(manifest: Manifest, device_costs: dict[str, int] | None = None) -> PlanFacts:
     """A bundle's facts. ``device_costs`` (per precision, ``device_memory.device_costs``) prices an
-    expert on a GPU; without them one costs its mean file size, twice for a ``float`` fp16 variant
-    (ONNX Runtime folds its Cast into a float32 copy)."""
+    expert on a GPU, and the backbone's quantized weights as stored; without them (the CPU) an expert
+    costs its mean file size, twice for a ``float`` fp16 variant (ONNX Runtime folds its Cast into a
+    float32 copy), and the backbone's quantized weights their prepacked size."""
     q, s = manifest.quantization, manifest.model
     files = {p: round(sum(manifest.files[e.variants[p].path].bytes for e in manifest.experts) / len(manifest.experts))
              for p in q.precisions}
     resident = device_costs or {p: b * (2 if p == "fp16" and q.formats[p] == "float" else 1) for p, b in files.items()}
     return PlanFacts(model=f"{s.model_type} ({manifest.source.model})", backbone_precision=manifest.backbone.precision,
-                     backbone_bytes=backbone_bytes(manifest), kv_bytes_per_token=s.kv_bytes_per_token(),
+                     backbone_bytes=backbone_bytes(manifest, prepacked=device_costs is None),
+                     kv_bytes_per_token=s.kv_bytes_per_token(),
                      max_context=s.max_position_embeddings, moe_layers=len(s.moe_layers),
                      experts_per_layer=s.num_experts, top_k=s.top_k, resident_bytes=dict(resident), file_bytes=files)
 

@@ -25,6 +25,9 @@ from dymoe.bundle.manifest import read_manifest
 from dymoe.runtime.bundle import Bundle
 from dymoe.runtime.ort_session import EXACT_INT_MATH, create_session
 from dymoe.toolchain.backbone_forms import BackboneForm, effective_embedding
+from dymoe.toolchain.blockquant import dequantize
+from dymoe.toolchain.expert_graph import MS_DOMAIN
+from dymoe.toolchain.expert_weights import _nbits_matrix
 from dymoe.toolchain.export import export
 from dymoe.toolchain.options import ExportOptions
 
@@ -49,6 +52,10 @@ class Case:
         for p in QUANTIZED:  # fp32 is the default, checked against transformers in test_parity
             self.bundles[p] = root / p
             export(str(self.src), self.bundles[p], ExportOptions(precisions=("fp32",), backbone_precision=p))
+        # a Jetson's export: the int8 linears as MatMulNBits (TensorRT's expert forms need H % 64 == 0: fp32 only)
+        self.bundles["int8-trt"] = root / "int8-trt"
+        export(str(self.src), self.bundles["int8-trt"], ExportOptions(precisions=("fp32",), backbone_precision="int8",
+                                                                      target="tensorrt"))
 
 
 @pytest.fixture(scope="module", params=ALL_ARCHS)
@@ -71,7 +78,12 @@ def float_twin(model: onnx.ModelProto) -> onnx.ModelProto:
     keep_nodes, new_inits, dropped = [], {}, set()
     for node in g.node:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        if node.op_type == "DequantizeLinear" and all(i in init for i in node.input):
+        if node.op_type == "MatMulNBits":
+            proj = node.input[1][:-len("_w")]
+            new_inits[proj] = dequantize(_nbits_matrix(node, init, proj))
+            dropped |= set(node.input[1:])
+            keep_nodes.append(helper.make_node("MatMul", [node.input[0], proj], list(node.output)))
+        elif node.op_type == "DequantizeLinear" and all(i in init for i in node.input):
             q, s, z = (init[i] for i in node.input)
             new_inits[node.output[0]] = _dequantize(q, s, z, attrs["axis"], attrs["block_size"])
             dropped |= set(node.input)
@@ -83,9 +95,19 @@ def float_twin(model: onnx.ModelProto) -> onnx.ModelProto:
     inits = [t for t in g.initializer if t.name not in dropped]
     inits += [numpy_helper.from_array(np.ascontiguousarray(a, np.float32), n) for n, a in new_inits.items()]
     twin = helper.make_graph(keep_nodes, g.name, g.input, g.output, inits)
-    out = helper.make_model(twin, opset_imports=model.opset_import, producer_name="twin")
+    out = helper.make_model(twin, opset_imports=[o for o in model.opset_import if o.domain != MS_DOMAIN])
     out.ir_version = model.ir_version
     return out
+
+
+def exact(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with its MatMulNBits nodes at accuracy level 0: float arithmetic, as EXACT_INT_MATH
+    makes of the QDQ ones ORT fuses."""
+    for node in model.graph.node:
+        for a in node.attribute:
+            if node.op_type == "MatMulNBits" and a.name == "accuracy_level":
+                a.i = 0
+    return model
 
 
 def feeds(session, vocab: int, rng) -> dict[str, np.ndarray]:
@@ -100,15 +122,14 @@ def feeds(session, vocab: int, rng) -> dict[str, np.ndarray]:
     return out
 
 
-@pytest.mark.parametrize("precision", QUANTIZED)
+@pytest.mark.parametrize("precision", [*QUANTIZED, "int8-trt"])
 def test_backbone_graphs_compute_exactly_their_weights(case, precision):
     bundle = Bundle(case.bundles[precision])
     bb = bundle.manifest.backbone
     rng = np.random.default_rng(0)
     for rel in [bb.embed, *bb.layers, bb.head]:
-        data = bundle.read(rel)
-        model = onnx.load_model_from_string(data)
-        ours = create_session(data, 1, rel, EXACT_INT_MATH)
+        model = exact(onnx.load_model_from_string(bundle.read(rel)))
+        ours = create_session(model.SerializeToString(), 1, rel, EXACT_INT_MATH)
         twin = create_session(float_twin(model).SerializeToString(), 1, rel + " (float twin)", EXACT_INT_MATH)
         x = feeds(ours, bundle.spec.vocab_size, rng)
         for a, b in zip(ours.run(None, x), twin.run(None, x), strict=True):
@@ -118,10 +139,11 @@ def test_backbone_graphs_compute_exactly_their_weights(case, precision):
                 np.testing.assert_array_equal(a, b, err_msg=rel)
 
 
-@pytest.mark.parametrize("precision", QUANTIZED)
+@pytest.mark.parametrize("precision", [*QUANTIZED, "int8-trt"])
 def test_backbone_precision_stays_close_to_transformers(case, precision):
     ref = torch_logits(case.model)
     got = bundle_logits(case.bundles[precision], "fp32")
+    precision = precision.split("-")[0]
     rel = np.linalg.norm(got - ref) / np.linalg.norm(ref)
     top1 = float((got.argmax(-1) == ref.argmax(-1)).mean())
     assert np.isfinite(got).all()
@@ -129,19 +151,26 @@ def test_backbone_precision_stays_close_to_transformers(case, precision):
     assert top1 >= TOP1_BOUND[precision], (case.arch, precision, top1)
 
 
-@pytest.mark.parametrize("precision", QUANTIZED)
+@pytest.mark.parametrize("precision", [*QUANTIZED, "int8-trt"])
 def test_manifest_records_what_is_stored(case, precision):
-    m = read_manifest(case.bundles[precision])
+    bundle = case.bundles[precision]
+    m = read_manifest(bundle)
+    precision, _, target = precision.partition("-")
     vocab = {"int4": "int8"}.get(precision, precision)
     bb = m.backbone
     assert (bb.precision, bb.embedding, bb.lm_head) == (precision, vocab, vocab)
     assert bb.quantizer == (m.quantization.method if precision in ("int8", "int4") else None)
+    assert bb.formats == {"fp16": {}, "int8": {"int8": "matmulnbits" if target else "qdq"},
+                          "int4": {"int4": "qdq", "int8": "qdq"}}[precision]
     assert bb.external_data == {}
-    layer = onnx.load(case.bundles[precision] / bb.layers[-1])
+    layer = onnx.load(bundle / bb.layers[-1])
     ops = {n.op_type for n in layer.graph.node}
     floats = {t.name for t in layer.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 2}
     assert "router" in floats  # the routing decision matches the float router graph's prediction
-    if precision in ("int8", "int4"):
+    if target:
+        assert "MatMulNBits" in ops and "DequantizeLinear" not in ops
+        assert "MatMulNBits" in {n.op_type for n in onnx.load(bundle / bb.head).graph.node}
+    elif precision in ("int8", "int4"):
         assert "DequantizeLinear" in ops
         codes = [t for t in layer.graph.initializer if t.name.endswith("_w")]
         want = onnx.TensorProto.UINT8 if precision == "int8" else onnx.TensorProto.UINT4

@@ -227,6 +227,7 @@ BAD_CONTENT = [
     (("backbone", "lm_head"), "fp8", "backbone.lm_head"),
     (("backbone", "precision"), "int8", "backbone.quantizer"),  # integer codes, but no quantizer named
     (("backbone", "quantizer"), "hqq", "backbone.quantizer"),  # a quantizer for float weights
+    (("backbone", "formats"), {"int8": "qdq"}, "backbone.formats"),  # a form for float linears
     (("backbone", "external_data"), {"backbone/nope.onnx": ["backbone/nope.onnx.data"]}, "not a backbone graph"),
     (("backbone", "external_data"), {"backbone/head.onnx": ["backbone/head.onnx.data"]}, "which files does not list"),
     (("backbone", "external_data"), {"backbone/embed.onnx": ["experts/l0e0.int4.onnx"]}, "beside its own graph"),

@@ -10,7 +10,7 @@ from test_manifest import make_manifest
 from test_safety import assert_clean_error, dymoe
 
 from dymoe.bundle.errors import InputError
-from dymoe.runtime.device_memory import RUNTIME_RESERVE, backbone_bytes
+from dymoe.runtime.device_memory import PREPACKED, RUNTIME_RESERVE, backbone_bytes
 from dymoe.runtime.plan import DEFAULT_CONTEXT, PlanFacts, facts_of, make_plan, parse_memory
 
 FACTS = PlanFacts(model="m", backbone_precision="int8", backbone_bytes=1000, kv_bytes_per_token=10, max_context=1000,
@@ -94,7 +94,11 @@ def test_backbone_resident_counts_external_data_and_fp16_upcasts():
     # ORT folds an fp16 linear's Cast into a float32 copy; the fp16 embedding table stays fp16
     assert backbone_bytes(_with_backbone(precision="fp16", embedding="fp16", lm_head="fp16")) \
         == graphs + layers + sizes["backbone/head.onnx"]
-    assert backbone_bytes(_with_backbone(precision="int8", embedding="int8", lm_head="int8", quantizer="hqq")) == graphs
+    # quantized linears (layers, head) prepacked by ORT's CPU kernel; the int8 embedding table is gathered as is
+    q = _with_backbone(precision="int4", embedding="int8", lm_head="int8", quantizer="hqq")
+    head = sizes["backbone/head.onnx"]
+    assert backbone_bytes(q) == round(graphs + (PREPACKED["int4"] - 1) * layers + (PREPACKED["int8"] - 1) * head)
+    assert backbone_bytes(q, prepacked=False) == graphs
 
 
 def test_facts_of_a_manifest():

@@ -9,7 +9,9 @@ experts' forms:
   attention projections, shared experts, dense MLPs) is ``fp32`` MatMul, ``fp16`` initializer ->
   Cast -> MatMul, or ``int8`` / ``int4`` blocked ``DequantizeLinear`` -> MatMul: the experts' QDQ
   form (``expert_graph.qdq_weight``), which ONNX Runtime's CPU provider fuses into MatMulNBits and
-  whose codes the export's data-free quantizer (rtn or hqq) chooses;
+  whose codes the export's data-free quantizer (rtn or hqq) chooses. For ``--target tensorrt`` an int8
+  one is ORT's MatMulNBits itself (``expert_graph.nbits_matmul``): the CUDA provider that runs the
+  backbone on a Jetson fuses only 4-bit QDQ (``bundle.precisions.BACKBONE_FORMATS``);
 * the **LM head** takes the same forms, at most int8 (``bundle.precisions.VOCAB_OF``);
 * the **embedding table** is ``fp32``, ``fp16`` (Gather, then Cast of the T rows) or ``int8``:
   the codes, scales and zero points of the T rows asked for are gathered and only those rows are
@@ -29,15 +31,16 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from dymoe.bundle.precisions import BITS, VOCAB_OF
+from dymoe.bundle.precisions import BACKBONE_FORMATS, BITS, VOCAB_OF
 
 from .blockquant import QuantizedMatrix, dequantize, quantize_rtn
-from .expert_graph import qdq_weight
+from .expert_graph import MS_DOMAIN, nbits_matmul, qdq_weight
 from .hqq import quantize_hqq
 from .onnx_build import FLOAT, GraphBuilder
 
 # MatMul weights (initializer names, as the blocks name them) that stay float32 at every precision
 FLOAT_LINEARS = ("router", "shared_gate")
+ACCURACY_LEVEL = 4  # of a MatMulNBits node: int8 activations, what ORT's CPU fusion of QDQ uses too
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,7 @@ class BackboneForm:
     precision: str = "fp32"
     block_size: int = 32
     quantizer: str = "hqq"  # rtn | hqq
+    target: str = "ort"  # the export's --target: which integer forms (BACKBONE_FORMATS)
 
     @property
     def embedding(self) -> str:
@@ -59,6 +63,11 @@ class BackboneForm:
     @property
     def quantized(self) -> bool:
         return any(p in BITS for p in (self.precision, self.embedding, self.lm_head))
+
+    @property
+    def formats(self) -> dict[str, str]:
+        """The form of each integer precision of a linear (manifest ``backbone.formats``)."""
+        return {p: BACKBONE_FORMATS[self.target][p] for p in (self.precision, self.lm_head) if p in BITS}
 
 
 def bytes_per_weight(precision: str, block_size: int) -> float:
@@ -81,18 +90,23 @@ def _is_float_linear(name: str) -> bool:
     return any(name == p or name.startswith(p + ".") for p in FLOAT_LINEARS)
 
 
-def _encode(name: str, w_kn: np.ndarray, precision: str, form: BackboneForm):
-    """Initializers and nodes producing the float32 ``[K, N]`` weight named ``name``."""
+def _encode(node: onnx.NodeProto, w_kn: np.ndarray, precision: str, form: BackboneForm):
+    """Initializers and nodes computing the ``MatMul`` ``node`` (input 1 its weight) at ``precision``."""
+    name = node.input[1]
     if precision == "fp16":
         init = numpy_helper.from_array(np.ascontiguousarray(w_kn, dtype=np.float16), f"{name}_fp16")
-        return [init], [helper.make_node("Cast", [init.name], [name], name=f"{name}_cast", to=TensorProto.FLOAT)]
-    inits, node = qdq_weight(name, quantize_matrix(w_kn, BITS[precision], form), name)
-    return inits, [node]
+        return [init], [helper.make_node("Cast", [init.name], [name], name=f"{name}_cast", to=TensorProto.FLOAT), node]
+    qm = quantize_matrix(w_kn, BITS[precision], form)
+    if form.formats[precision] == "matmulnbits":
+        inits, nbits = nbits_matmul(name, qm, node.input[0], node.output[0], ACCURACY_LEVEL)
+        return inits, [nbits]
+    inits, dq = qdq_weight(name, qm, name)  # the dequantized weight takes the initializer's name
+    return inits, [dq, node]
 
 
 def quantize_linears(model: onnx.ModelProto, form: BackboneForm) -> onnx.ModelProto:
-    """Rewrite, in place, every linear weight of a float32 layer graph into ``form``'s precision; the
-    MatMul nodes keep their inputs (the dequantized weight takes the initializer's name)."""
+    """Rewrite, in place, every linear of a float32 layer graph into ``form``'s precision: each MatMul
+    whose only weight use it is keeps its input and output names, so the rest of the graph is as built."""
     if form.precision == "fp32":
         return model
     g = model.graph
@@ -101,24 +115,28 @@ def quantize_linears(model: onnx.ModelProto, form: BackboneForm) -> onnx.ModelPr
     for node in g.node:
         for i, name in enumerate(node.input):
             uses.setdefault(name, []).append((node.op_type, i))
-    linear = [name for name, t in inits.items()
+    linear = {name for name, t in inits.items()
               if len(t.dims) == 2 and t.data_type == TensorProto.FLOAT and not _is_float_linear(name)
-              and uses.get(name) and all(u == ("MatMul", 1) for u in uses[name])]
+              and uses.get(name) == [("MatMul", 1)]}
     if not linear:
         return model
     taken = set(inits) | {o for n in g.node for o in n.output}
-    new_nodes = []
-    for name in linear:
-        t_inits, t_nodes = _encode(name, numpy_helper.to_array(inits[name]), form.precision, form)
+    nodes = []
+    for node in g.node:
+        if node.op_type != "MatMul" or node.input[1] not in linear:
+            nodes.append(node)
+            continue
+        t_inits, t_nodes = _encode(node, numpy_helper.to_array(inits[node.input[1]]), form.precision, form)
         clash = {t.name for t in t_inits} & taken
         if clash:
             raise ValueError(f"initializer names {sorted(clash)} already exist in {g.name}")
-        g.initializer.remove(inits[name])
+        g.initializer.remove(inits[node.input[1]])
         g.initializer.extend(t_inits)
-        new_nodes += t_nodes
-    nodes = new_nodes + list(g.node)  # the weights depend on initializers only: first is topological
+        nodes += t_nodes  # a weight's nodes read initializers only: placed before their MatMul, still topological
     del g.node[:]
     g.node.extend(nodes)
+    if any(n.domain == MS_DOMAIN for n in nodes) and all(o.domain != MS_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     return model
 
 
@@ -131,10 +149,16 @@ def head_logits(g: GraphBuilder, x: str, lm_head: np.ndarray, form: BackboneForm
         if form.lm_head == "fp16":
             w = g.op("Cast", [w], to=FLOAT)
         return g.op("Gemm", [x, w], transB=1)
-    inits, node = qdq_weight("lm_head", quantize_matrix(np.asarray(lm_head).T, BITS[form.lm_head], form), "lm_head_dq")
+    qm = quantize_matrix(np.asarray(lm_head).T, BITS[form.lm_head], form)
+    if form.formats[form.lm_head] == "matmulnbits":
+        inits, node = nbits_matmul("lm_head", qm, x, g.fresh("lm_head_matmul"), ACCURACY_LEVEL)
+    else:
+        inits, dq = qdq_weight("lm_head", qm, "lm_head_dq")
+        g.nodes.append(dq)
+        node = helper.make_node("MatMul", [x, "lm_head_dq"], [g.fresh("matmul")], name=g.fresh("n_MatMul"))
     g.inits += inits
     g.nodes.append(node)
-    return g.op("MatMul", [x, "lm_head_dq"])
+    return node.output[0]
 
 
 def gather_rows(g: GraphBuilder, embed: np.ndarray, ids: str, form: BackboneForm) -> str:

@@ -162,7 +162,7 @@ def qdq_weight(proj: str, qm: QuantizedMatrix, out: str):
     return [w, scale, zp], node
 
 
-def _nbits_matmul(proj: str, qm: QuantizedMatrix, a: str, out: str, accuracy_level: int):
+def nbits_matmul(proj: str, qm: QuantizedMatrix, a: str, out: str, accuracy_level: int):
     """Initializers + ``com.microsoft::MatMulNBits`` node computing ``out = a @ W``.
 
     Layout (ORT contrib op spec):
@@ -222,7 +222,7 @@ def _projection(proj: str, w_torch: np.ndarray, precision: str, fmt: str | None,
         inits, dq = qdq_weight(proj, qm, f"{proj}_w_dq")
         nodes = [dq, helper.make_node("MatMul", [a, f"{proj}_w_dq"], [out], name=mm)]
     else:
-        inits, node = _nbits_matmul(proj, qm, a, out, accuracy_level)
+        inits, node = nbits_matmul(proj, qm, a, out, accuracy_level)
         nodes = [node]
     return inits, nodes, dequantize(qm)
 

@@ -296,7 +296,7 @@ def _export_locked(model: str, src: CheckedCheckpoint, precisions: tuple[str, ..
 
 
 def backbone_form(options: ExportOptions) -> BackboneForm:
-    return BackboneForm(options.backbone_precision, options.block_size, options.quantizer)
+    return BackboneForm(options.backbone_precision, options.block_size, options.quantizer, options.target)
 
 
 def estimated_expert_bytes(spec: ModelSpec, precisions: tuple[str, ...], block_size: int) -> int:
@@ -364,7 +364,7 @@ def _manifest(model: str, src: CheckedCheckpoint, precisions: tuple[str, ...], b
         backbone=Backbone(embed=EMBED, layers=[layer_path(i) for i in range(spec.num_layers)], head=HEAD,
                           routers=[router_path(layer) for layer in spec.moe_layers], precision=form.precision,
                           embedding=form.embedding, lm_head=form.lm_head,
-                          quantizer=form.quantizer if form.quantized else None,
+                          quantizer=form.quantizer if form.quantized else None, formats=form.formats,
                           external_data={rel: e["external_data"] for rel, e in sorted(done.items())
                                          if e.get("external_data")}),
         experts=experts,

@@ -35,6 +35,7 @@ from ..blocks.attention import GqaConfig
 from ..blocks.rope import SUPPORTED as ROPE_TYPES
 from ..blocks.rope import rope_parameters
 from ..blocks.routing import RouterConfig, route
+from ..expert_graph import MS_DOMAIN
 from ..layout import Ref
 from ..onnx_build import FLOAT, INT64, GraphBuilder
 
@@ -380,7 +381,7 @@ def head_graph(d: Decoder, final_norm: np.ndarray, lm_head: np.ndarray,
     x = g.input(io.HEAD_IN, FLOAT, ["T", d.hidden_size])
     x = g.rms_norm(x, final_norm, d.rms_norm_eps, "final_norm")
     g.output(head_logits(g, x, lm_head, form), io.HEAD_OUT, FLOAT, ["T", d.vocab_size])
-    return g.model()
+    return g.model({MS_DOMAIN: 1} if any(n.domain == MS_DOMAIN for n in g.nodes) else None)
 
 
 # --- grouped-query attention, as Mixtral, Qwen and OLMoE checkpoints store it ---------------
