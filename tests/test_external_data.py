@@ -198,3 +198,20 @@ def test_info_reports_external_data(bundles):
     assert proc.returncode == 0, proc.stderr
     assert "int8 layers, int8 embedding, int8 LM head" in proc.stdout
     assert "keep large tensors in external data" in proc.stdout
+
+
+def test_requantize_keeps_the_backbone_and_its_external_data(tiny_qwen3, tmp_path):
+    """dymoe requantize rewrites experts only: the quantized backbone and its data files stay listed."""
+    from dymoe.toolchain.quantizers import QuantizerOptions
+    from dymoe.toolchain.requantize import RequantizeOptions, requantize
+
+    out = tmp_path / "b"
+    export(str(tiny_qwen3.src), out, ExportOptions(precisions=("fp32", "int4"), backbone_precision="int4",
+                                                   external_data_bytes=0, quantizer="rtn"))
+    before = read_manifest(out)
+    after = requantize(out, RequantizeOptions(quantizer=QuantizerOptions("hqq")))
+    assert after.backbone == before.backbone and after.backbone.external_data
+    assert after.expert(0, 0).variants["int4"].path != before.expert(0, 0).variants["int4"].path
+    for rel in after.files:
+        verify_file(out, after, rel)
+    logits(out)  # runs
