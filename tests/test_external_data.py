@@ -215,3 +215,15 @@ def test_requantize_keeps_the_backbone_and_its_external_data(tiny_qwen3, tmp_pat
     for rel in after.files:
         verify_file(out, after, rel)
     logits(out)  # runs
+
+
+def test_run_metrics_count_the_backbone_with_its_external_data(bundles):
+    from dymoe.runtime.model_session import open_model
+
+    session = open_model(bundles[1])
+    m = session.metrics(session.generate_ids([1, 2, 3], max_new_tokens=2))
+    session.close()
+    man = read_manifest(bundles[1])
+    bb = man.backbone
+    graphs = [bb.embed, *bb.layers, bb.head]
+    assert m["backbone_file_bytes"] == sum(man.files[r].bytes + man.files[r + ".data"].bytes for r in graphs)
