@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test demo lint bench bench-export bench-decode bench-quant bench-serve bench-trt clean calibrate
+.PHONY: setup test demo lint bench bench-export bench-decode bench-quant bench-serve bench-trt bench-backbone clean calibrate
 
 setup: $(STAMP)
 
@@ -52,6 +52,13 @@ bench-quant: setup
 # perplexity on the CPU provider (results/trt_int4.json)
 bench-trt: setup
 	$(BIN)/python benchmarks/trt_int4.py
+
+# The backbone at each --backbone-precision: demo perplexity / agreement / size (results/backbone_precision.json),
+# then a Qwen3-30B-A3B-shaped backbone's size, resident memory, decode step and 16 GB plan
+# (results/backbone_size.json; writes a 3.7 GB synthetic checkpoint under .cache/bench, 15-25 minutes)
+bench-backbone: setup
+	$(BIN)/python benchmarks/backbone_precision.py
+	$(BIN)/python benchmarks/backbone_size.py
 
 # Calibrate the shipped demo model (CI jobs; a few minutes at most on 2 cores): export it into
 # .cache/ when that bundle is missing or older than the weights, then measure on its held-out text.

@@ -44,21 +44,31 @@ def atomic_write_bytes(path: Path, data: bytes) -> str:
     system) and is fsynced before the rename, so a crash never leaves a truncated ``path``;
     a failed write (a full disk) removes it again.
     """
+    return atomic_write_chunks(path, [data])[1]
+
+
+def atomic_write_chunks(path: Path, chunks) -> tuple[int, str]:
+    """As :func:`atomic_write_bytes`, for data given as pieces (bytes-like objects) that are never
+    joined in memory (a gigabyte of ONNX external data); returns (size, sha256)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_name(path)
+    h, size = hashlib.sha256(), 0
     # O_EXCL | O_NOFOLLOW: never write through a link someone planted under the temporary name
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), _FILE_MODE)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            for chunk in chunks:
+                f.write(chunk)
+                h.update(chunk)
+                size += memoryview(chunk).nbytes
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return hashlib.sha256(data).hexdigest()
+    return size, h.hexdigest()
 
 
 def atomic_write_text(path: Path, text: str) -> str:

@@ -17,14 +17,17 @@ from dymoe.bundle.errors import BundleError, ChecksumError
 from dymoe.bundle.fsutil import atomic_write_text, sha256_file
 from dymoe.bundle.naming import MANIFEST_NAME
 from dymoe.bundle.paths import check_relative, is_sha256, resolve, resolve_file
-from dymoe.bundle.precisions import FORMAT_PRECISIONS, KNOWN_FORMATS
+from dymoe.bundle.precisions import BACKBONE_PRECISIONS, BITS, FORMAT_PRECISIONS, KNOWN_FORMATS, VOCAB_PRECISIONS
 from dymoe.bundle.precisions import PRECISIONS as KNOWN_PRECISIONS
 from dymoe.bundle.strict import from_dict
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 # 1 and 2: layer graphs returned router logits and the runtime routed; `dymoe upgrade` rewrites
 # such a bundle's backbone (its experts are kept as they are)
 OLD_SCHEMA_VERSIONS = (1, 2)
+# 3: the same graphs, but the manifest did not yet say how the backbone is stored (always float32,
+# inline): `dymoe upgrade` rewrites manifest.json alone
+MANIFEST_ONLY_VERSIONS = (3,)
 
 
 @dataclass
@@ -123,6 +126,18 @@ class Backbone:
     layers: list[str]  # one graph per layer
     head: str
     routers: list[str]  # one small routing graph per MoE layer (model.moe_layers order): the look-ahead predictor
+    # schema 4: how the backbone's weights are stored (the defaults are what schema 3 always wrote)
+    precision: str = "fp32"  # the layers' linear weights: attention, shared experts, dense MLPs (BACKBONE_PRECISIONS)
+    embedding: str = "fp32"  # the embedding table (VOCAB_PRECISIONS)
+    lm_head: str = "fp32"  # the LM head's weight (VOCAB_PRECISIONS)
+    quantizer: str | None = None  # rtn | hqq: what chose the integer codes (blocks of quantization.block_size)
+    formats: dict[str, str] = field(default_factory=dict)  # integer precision of a linear -> qdq | matmulnbits
+    # graph -> the files holding its large tensors (ONNX external data, beside the graph; each in `files`):
+    # a protobuf cannot exceed 2 GiB, and a 151,936 x 2048 float32 embedding alone is 1.2 GB
+    external_data: dict[str, list[str]] = field(default_factory=dict)
+
+    def graphs(self) -> list[str]:
+        return [self.embed, *self.layers, self.head, *self.routers]
 
 
 @dataclass
@@ -205,6 +220,10 @@ def read_manifest(bundle: Path) -> Manifest:
         raise BundleError(f"{path}: schema_version {version}, written by an older dymoe whose layer graphs this "
                           f"version no longer runs", f"upgrade it in place (the experts are kept): dymoe upgrade "
                                                      f"{bundle}")
+    if type(version) is int and version in MANIFEST_ONLY_VERSIONS:
+        raise BundleError(f"{path}: schema_version {version}, written by an older dymoe that did not record how the "
+                          f"backbone is stored", f"upgrade it in place (only manifest.json changes): dymoe upgrade "
+                                                 f"{bundle}")
     if type(version) is not int or version != SCHEMA_VERSION:
         raise BundleError(f"{path}: schema_version {version!r}, this dymoe reads {SCHEMA_VERSION}",
                           "re-export the bundle with this dymoe version")
@@ -255,6 +274,7 @@ def check_manifest(m: Manifest) -> None:
     if len(m.backbone.routers) != len(moe):
         raise _corrupt(f"backbone.routers lists {len(m.backbone.routers)} graphs for {len(moe)} MoE layers")
     refs += [(f"backbone.routers[{i}]", r) for i, r in enumerate(m.backbone.routers)]
+    refs += _check_backbone_storage(m.backbone)
     if len(m.experts) != len(moe) * E:
         raise _corrupt(f"experts lists {len(m.experts)} entries, expected {len(moe)} MoE layers x {E}")
     for i, entry in enumerate(m.experts):
@@ -271,6 +291,36 @@ def check_manifest(m: Manifest) -> None:
         check_relative(rel, f"manifest.json: {where}")
         if rel not in m.files:
             raise _corrupt(f"{where} names {rel!r}, which files does not list")
+
+
+def _check_backbone_storage(b: Backbone) -> list[tuple[str, str]]:
+    """The backbone's precisions are known ones, and each external data file sits beside its own
+    graph (ONNX names it relative to the graph's folder) and belongs to one graph only; returns the
+    data files as references that ``files`` must list."""
+    if b.precision not in BACKBONE_PRECISIONS:
+        raise _corrupt(f"backbone.precision is {b.precision!r}, not one of {', '.join(BACKBONE_PRECISIONS)}")
+    for name, value in (("embedding", b.embedding), ("lm_head", b.lm_head)):
+        if value not in VOCAB_PRECISIONS:
+            raise _corrupt(f"backbone.{name} is {value!r}, not one of {', '.join(VOCAB_PRECISIONS)}")
+    if (b.quantizer is None) == any(p in BITS for p in (b.precision, b.embedding, b.lm_head)):
+        raise _corrupt(f"backbone.quantizer is {b.quantizer!r}: it names the quantizer exactly when a backbone "
+                       "precision is an integer one")
+    linears = {p for p in (b.precision, b.lm_head) if p in BITS}
+    if set(b.formats) != linears or any(f not in ("qdq", "matmulnbits") for f in b.formats.values()):
+        raise _corrupt(f"backbone.formats {b.formats} must give qdq or matmulnbits for each integer precision of "
+                       f"the linears ({', '.join(sorted(linears)) or 'none'})")
+    graphs, seen, refs = set(b.graphs()), set(), []
+    for graph, data in b.external_data.items():
+        if graph not in graphs:
+            raise _corrupt(f"backbone.external_data names {graph!r}, which is not a backbone graph")
+        for i, rel in enumerate(data):
+            where = f"backbone.external_data[{graph!r}][{i}]"
+            check_relative(rel, f"manifest.json: {where}")
+            if rel.rpartition("/")[0] != graph.rpartition("/")[0] or rel in graphs or rel in seen:
+                raise _corrupt(f"{where} is {rel!r}: external data lies beside its own graph, one graph per file")
+            seen.add(rel)
+            refs.append((where, rel))
+    return refs
 
 
 def check_confined(bundle: Path, manifest: Manifest) -> None:

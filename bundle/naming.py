@@ -43,3 +43,8 @@ def tokenizer_path(name: str) -> str:
 
 def inputs_path(layer: int) -> str:
     return f"{INPUTS_DIRNAME}/layer_{layer:03d}.safetensors"
+
+
+def external_data_path(graph: str) -> str:
+    """The ONNX external data file of ``graph`` (its largest tensors), beside it."""
+    return f"{graph}.data"

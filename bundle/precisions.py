@@ -36,3 +36,20 @@ SHORT = {"32": "fp32", "16": "fp16", "8": "int8", "4": "int4", "2": "int2", "0":
 def highest_first(precisions) -> tuple[str, ...]:
     """``precisions`` in ladder order, duplicates dropped (unknown names are the caller's to refuse)."""
     return tuple(p for p in PRECISIONS if p in set(precisions))
+
+
+# The backbone (``dymoe export --backbone-precision``): one precision for the linear weights of its
+# layers (attention, shared experts, dense MLPs), stored in the portable forms above (float, or QDQ
+# that ONNX Runtime fuses into MatMulNBits). The vocabulary matrices (embedding table, LM head) stop
+# at int8: a Gather reads no 4-bit type, and an int4 LM head cost the demo model 8x the perplexity of
+# int4 layers (README "Backbone precision"). Norms, biases and routers stay float32: they are small,
+# and a router must pick the same experts as the look-ahead predictor's float copy.
+BACKBONE_PRECISIONS = ("fp32", "fp16", "int8", "int4")
+VOCAB_PRECISIONS = ("fp32", "fp16", "int8")  # embedding table and LM head
+VOCAB_OF = {"fp32": "fp32", "fp16": "fp16", "int8": "int8", "int4": "int8"}
+# The form of the backbone's integer linears (manifest ``backbone.formats``). The backbone runs on ONNX
+# Runtime (CPU or CUDA provider), never TensorRT. Portable QDQ is fused into MatMulNBits by the CPU
+# provider at both widths, by the CUDA provider at 4 bits only; so the export for a Jetson
+# (--target tensorrt) writes int8 as MatMulNBits, which the CUDA provider runs, rather than leave a
+# DequantizeLinear to expand every weight each step (the LM head: 1.2 GB of float32 per token).
+BACKBONE_FORMATS = {"ort": {"int8": "qdq", "int4": "qdq"}, "tensorrt": {"int8": "matmulnbits", "int4": "qdq"}}

@@ -152,6 +152,10 @@ def export(
         help="ONNX forms: ort (portable; asymmetric int4/int8 blocks of --block-size) or tensorrt (symmetric INT4 "
              "with fp16 scales in blocks of 128, fp16 arithmetic, MatMulNBits int8/int2 for the CUDA provider).")
     ] = export_defaults.TARGET,
+    backbone_precision: Annotated[str, typer.Option(
+        help="The backbone's linear weights (attention, shared experts, dense MLPs): fp32, fp16, int8 or int4, "
+             "quantized like the experts; the embedding table and LM head follow, at most int8; norms and routers "
+             "stay float32.")] = export_defaults.BACKBONE_PRECISION,
 ) -> None:
     """Export a checkpoint to a bundle: one ONNX graph per expert and precision, the backbone,
     the tokenizer and manifest.json. An interrupted export resumes when rerun.
@@ -177,7 +181,8 @@ def export(
         with reporter(err) as progress:
             opts = ExportOptions(precisions=tuple(p.strip() for p in precisions.split(",") if p.strip()),
                                  block_size=block_size, workers=workers, force=force, progress=progress,
-                                 quantizer="hqq" if gptq else quantizer, target=target)
+                                 quantizer="hqq" if gptq else quantizer, target=target,
+                                 backbone_precision=backbone_precision)
             manifest = run_export(model, out, opts, gptq)
     except KeyboardInterrupt:
         raise DymoeError(f"export to {out} interrupted; finished files are kept",
@@ -235,9 +240,10 @@ def requantize(
 @app.command()
 @friendly
 def upgrade(bundle: Annotated[Path, typer.Argument(help="Bundle folder written by an older dymoe.")]) -> None:
-    """Bring a bundle written by an older dymoe to the current format in place: the layer
-    graphs are rebuilt from the weights inside them, the experts are kept as they are. Safe to
-    interrupt (rerun to finish); a current bundle is left alone.
+    """Bring a bundle written by an older dymoe to the current format in place: schema 1 and 2
+    layer graphs are rebuilt from the weights inside them, a schema 3 bundle only gets a new
+    manifest.json; the experts are kept as they are. Safe to interrupt (rerun to finish); a
+    current bundle is left alone.
 
     Example: dymoe upgrade ~/.cache/dymoe/demo/bundle-0123abcd
     """
@@ -252,13 +258,36 @@ def upgrade(bundle: Annotated[Path, typer.Argument(help="Bundle folder written b
 
 @app.command()
 @friendly
-def info(bundle: Annotated[Path, typer.Argument(help="Bundle folder.")]) -> None:
-    """Summarise a bundle: architecture, layers, experts, sizes and errors per precision.
+def info(
+    bundle: Annotated[Path, typer.Argument(help="Bundle folder.")],
+    plan: Annotated[bool, typer.Option(
+        "--plan", help="What fits in a device's memory: backbone, KV cache, reserve, experts per precision, and "
+                       "the bytes a token reads from storage.")] = False,
+    memory: Annotated[str | None, typer.Option(
+        help="With --plan: memory dymoe may use, with a unit: 16GB (10^9 bytes) or 16GiB (2^30). Default: the "
+             "--target profile's usable memory.")] = None,
+    context: Annotated[int | None, typer.Option(
+        help="With --plan: tokens of KV cache to reserve (default 4096, at most the model's context).")] = None,
+    target: TargetOption = None,
+) -> None:
+    """Summarise a bundle: architecture, layers, experts, sizes and errors per precision; with
+    --plan, how a device's memory would be split.
 
     Example: dymoe info bundles/qwen3
+
+    Example: dymoe info bundles/qwen3 --plan --memory 16GB --context 8192
+
+    Example: dymoe info bundles/qwen3 --plan --target orin-nx-16gb
     """
     from dymoe.bundle.manifest import read_manifest
 
+    if not plan and (memory is not None or context is not None or target is not None):
+        raise InputError("--memory, --context and --target describe a plan", "add --plan, or drop them")
+    if plan:
+        if memory is None and target is None:
+            raise InputError("--plan needs the device's memory", "add --memory 16GB (or 16GiB), or --target PROFILE")
+        _print_plan(bundle, memory, context, target)
+        return
     m = read_manifest(bundle)
     s, arch = m.model, m.architecture
     dense = s.num_layers - len(s.moe_layers)
@@ -285,7 +314,6 @@ def info(bundle: Annotated[Path, typer.Argument(help="Bundle folder.")]) -> None
     for col in ("precision", "format", "quantizer", "experts on disk", "mean weight err", "mean output err",
                 "mean routed output err"):
         table.add_column(col, justify="left" if col == "quantizer" else "right")
-    backbone = [m.backbone.embed, *m.backbone.layers, m.backbone.head]
     for p in m.quantization.precisions:
         vs = [e.variants[p] for e in m.experts]
         size = sum(m.files[v.path].bytes for v in vs)
@@ -297,7 +325,41 @@ def info(bundle: Annotated[Path, typer.Argument(help="Bundle folder.")]) -> None
                       f"{sum(v.output_rel_error for v in vs) / len(vs):.4f}",
                       f"{sum(routed) / len(routed):.4f}" if routed else "-")
     out.print(table)
-    out.print(f"backbone (resident): {_mib(sum(m.files[r].bytes for r in backbone))}")
+    out.print(f"backbone: {_describe_backbone(m)}")
+
+
+def _describe_backbone(m) -> str:
+    from dymoe.runtime.device_memory import backbone_bytes
+
+    bb = m.backbone
+    disk = sum(m.files[r].bytes + sum(m.files[d].bytes for d in bb.external_data.get(r, ())) for r in bb.graphs())
+    how = f"{bb.precision} layers, {bb.embedding} embedding, {bb.lm_head} LM head"
+    if bb.quantizer:
+        how += f" ({bb.quantizer}, blocks of {m.quantization.block_size})"
+    ext = f"; {len(bb.external_data)} graph(s) keep large tensors in external data" if bb.external_data else ""
+    return f"{how}; {_mib(disk)} on disk, about {_mib(backbone_bytes(m))} resident{ext}"
+
+
+def _print_plan(bundle: Path, memory: str | None, context: int | None, target: str | None) -> None:
+    from dymoe.bundle.manifest import read_manifest
+    from dymoe.plan_table import print_plan
+    from dymoe.runtime.plan import facts_of, make_plan, parse_memory
+
+    size = parse_memory(memory) if memory is not None else None  # a bad size fails before anything is read
+    m = read_manifest(bundle)
+    costs, profile = None, None
+    if target is not None:
+        from dymoe.runtime.device_memory import device_costs
+        from dymoe.runtime.execution import execution_target
+
+        t = execution_target("cuda", target, check=False)  # GPU costs of the profile's engines; nothing runs
+        profile, costs = t.profile, device_costs(m, t)
+    p = make_plan(facts_of(m, costs), size if size is not None else profile.usable_bytes, context,
+                  storage_mb_per_s=profile.storage.read_mb_per_s if profile else None)
+    print_plan(p, str(bundle), memory, profile, out)
+    if not p.fits:
+        err.print(f"[yellow]warning:[/] the expert budget does not hold one layer's top-{p.facts.top_k} at any "
+                  "precision: a run would be refused")
 
 
 _ROUTING_DEFAULTS = {"norm_topk_prob": False, "topk_method": "greedy", "n_group": 1, "topk_group": 1,

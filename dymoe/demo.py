@@ -31,8 +31,10 @@ def demo_model_dir() -> Path:
 
 def _digest(folder: Path) -> str:
     from dymoe.bundle.manifest import SCHEMA_VERSION
+    from dymoe.toolchain.options import BACKBONE_PRECISION
 
-    h = hashlib.sha256(f"schema {SCHEMA_VERSION}".encode())  # a new bundle format exports anew
+    # a new bundle format, or a new default backbone precision, exports anew
+    h = hashlib.sha256(f"schema {SCHEMA_VERSION} backbone {BACKBONE_PRECISION}".encode())
     for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
         h.update((folder / name).read_bytes())
     return h.hexdigest()[:16]

@@ -37,7 +37,12 @@ class Bundle:
 
     def session(self, rel: str, threads: int | None = None):
         return create_session(self.read(rel), threads or backbone_threads(), str(self.path / rel), target=self.target,
-                              arena=True)
+                              external_data=self.external_data(rel), arena=True)
+
+    def external_data(self, rel: str) -> dict[str, bytes]:
+        """Graph ``rel``'s external data files as the manifest lists them, checksum-verified, by the name
+        the graph gives each (relative to its folder, which the manifest reader checked it shares)."""
+        return {data.rpartition("/")[2]: self.read(data) for data in self.manifest.backbone.external_data.get(rel, ())}
 
     def expert_graph(self, precision: str, rel: str) -> dict:
         """What the session factory needs to know of an expert graph to place it: the target, the

@@ -83,8 +83,8 @@ class ModelSession:
             # includes earlier runs in the same process) is reported beside it
             "peak_rss_bytes": self._rss_peak,
             "process_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            # resident outside any expert budget: embeddings, attention, routers, head
-            "backbone_file_bytes": sum(self.bundle.manifest.files[r].bytes for r in self.model.backbone_files),
+            # resident outside any expert budget: embeddings, attention, head, with their external data
+            "backbone_file_bytes": self._backbone_file_bytes(),
             "prompt_ids": result.prompt_ids,
             "token_ids": result.token_ids,
             "text": self.tokenizer.decode(result.token_ids),
@@ -94,6 +94,11 @@ class ModelSession:
                                               decode_bytes=self.orchestrator.loader.totals.bytes_read
                                               - self._decode_bytes_from, since=self._since))
         return m
+
+    def _backbone_file_bytes(self) -> int:
+        m = self.bundle.manifest
+        rels = [d for r in self.model.backbone_files for d in (r, *m.backbone.external_data.get(r, ()))]
+        return sum(m.files[r].bytes for r in rels)
 
     def totals(self) -> dict[str, int]:
         """Counters since the session opened, for a long-running process (a server's metrics).

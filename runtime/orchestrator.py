@@ -78,6 +78,7 @@ class Orchestrator:
         self.priors = priors or {}
         self.homes: dict[Key, str] | None = None  # each expert's highest precision (fit_precisions)
         self._pool: ThreadPoolExecutor | None = None  # prefill's expert threads (compute_threads)
+        self._settled = False  # every expert resident at the most it is ever asked for: nothing to prefetch
         layers = tuple(self.spec.moe_layers)
         self.resident.reuse = Reuse(layers, layers[0], self.spec.top_k / self.spec.num_experts, self.resident.decay)
         check_budget(config, costs, budget, self.spec.top_k)
@@ -111,6 +112,7 @@ class Orchestrator:
     def run(self, step: LayerStep) -> np.ndarray:
         if step.layer == self.spec.moe_layers[0]:
             self.resident.tick()
+            self._settled = self._everything_resident()
         self._land_finished()
         decode = step.phase == "decode"
         importance = step_importance(step.phase, step.experts, step.weights, step.attn_colsum,
@@ -140,7 +142,7 @@ class Orchestrator:
                 deferred.append(e)
             else:
                 ready[e] = got
-        if self.config.prefetch and self.predictor is not None:
+        if self.config.prefetch and self.predictor is not None and not self._settled:
             self._prefetch(step)
 
         x = step.router_input
@@ -191,6 +193,16 @@ class Orchestrator:
         self.loader.close()
         self.resident.resident.clear()
         self.resident.loading.clear()
+
+    def _everything_resident(self) -> bool:
+        """Every expert is resident at the highest precision it can be asked for (its home, or the
+        ladder's top): a look-ahead could only find hits, so its router calls are skipped."""
+        resident = self.resident.resident
+        if len(resident) < len(self.spec.moe_layers) * self.spec.num_experts or self.resident.loading:
+            return False
+        top = self.config.ladder[0]
+        return all(RANK[r.precision] >= RANK[top if self.homes is None else self.homes[k]]
+                   for k, r in resident.items())
 
     def _plan(self, layer: int, importance: dict[int, float]) -> dict[int, str]:
         r = self.retention[layer]

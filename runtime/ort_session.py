@@ -55,6 +55,19 @@ def session_options(threads: int, config: dict[str, str] | None = None, optimize
     return so
 
 
+# A graph read from bytes that names ONNX external data would make ONNX Runtime open that file
+# relative to the working directory: outside the bundle, unverified. So every session gets ORT's
+# table of in-memory external files instead: the checksum-verified files the manifest lists for the
+# graph, or one entry no graph can name; ORT then refuses a graph that names any file not in it.
+_NO_FILE = "\0dymoe: no external data"
+
+
+def _external_files(so: ort.SessionOptions, files: dict[str, bytes] | None) -> None:
+    table = files or {_NO_FILE: b"\0"}
+    so.add_external_initializers_from_files_in_memory(list(table), list(table.values()),
+                                                      [len(b) for b in table.values()])
+
+
 @functools.cache
 def _shared_arena(device_id: int) -> bool:
     """Register one CUDA arena on the ONNX Runtime environment for every GPU session to share
@@ -72,10 +85,13 @@ def _shared_arena(device_id: int) -> bool:
 def create_session(model_bytes: bytes, threads: int, label: str, config: dict[str, str] | None = None,
                    optimize: bool = True, save_optimized: str | None = None, *, target: ExecutionTarget | None = None,
                    expert_format: str | None = None, hidden_size: int = 0, key: str | None = None,
-                   precision: str | None = None, arena: bool = False):
+                   precision: str | None = None, external_data: dict[str, bytes] | None = None,
+                   arena: bool = False):
     """A session for ``model_bytes`` on ``target`` (default: the CPU). ``expert_format`` (the
     manifest's format of an expert graph, None for the backbone) and ``hidden_size`` choose the
-    providers; ``key`` (the graph's sha256) finds a prebuilt TensorRT engine (dymoe build-engines)."""
+    providers; ``key`` (the graph's sha256) finds a prebuilt TensorRT engine (dymoe build-engines);
+    ``external_data`` holds the graph's external data files (verified bytes, by the name the graph
+    gives them), copied by ONNX Runtime while the session is built."""
     target = target or CPU_TARGET
     providers = providers_for(target, expert_format, hidden_size, precision)
     if not target.is_cpu:
@@ -91,8 +107,10 @@ def create_session(model_bytes: bytes, threads: int, label: str, config: dict[st
             prebuilt = prebuilt_model(target, key)
             if prebuilt is not None:
                 model_bytes, optimize = prebuilt, False  # an engine needs no graph optimisation
+    so = session_options(threads, config, optimize, save_optimized, arena)
+    _external_files(so, external_data)
     try:
-        session = ort.InferenceSession(model_bytes, session_options(threads, config, optimize, save_optimized, arena),
+        session = ort.InferenceSession(model_bytes, so,
                                        providers=[name for name, _ in providers],
                                        provider_options=[options for _, options in providers])
     except Exception as e:  # ORT raises its own types for invalid graphs

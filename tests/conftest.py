@@ -24,7 +24,9 @@ class TinyCase:
         self.src = root / "src"
         self.bundle = root / "bundle"
         self.model = make_tiny_model(arch, self.src, **overrides)
-        export(str(self.src), self.bundle, ExportOptions(precisions=TEST_PRECISIONS))
+        # a float32 backbone: these bundles are compared with transformers to 1e-4 (the backbone precisions
+        # are tested in test_backbone_precision.py)
+        export(str(self.src), self.bundle, ExportOptions(precisions=TEST_PRECISIONS, backbone_precision="fp32"))
 
 
 @pytest.fixture(scope="session", params=ARCHS)

@@ -50,7 +50,7 @@ class Case:
         self.arch = arch
         self.src, self.bundle = root / "src", root / "bundle"
         self.model = make_tiny_model(arch, self.src, seed=7, **overrides)
-        export(str(self.src), self.bundle, ExportOptions(precisions=("fp32", "int4")))
+        export(str(self.src), self.bundle, ExportOptions(precisions=("fp32", "int4"), backbone_precision="fp32"))
 
 
 @pytest.fixture(scope="module", params=list(CASES))

@@ -1,5 +1,6 @@
-"""The shipped demo model through dymoe: its fp32 bundle scores the held-out text exactly as
-transformers does, and `dymoe demo` runs end to end on a fresh cache, then reuses its bundle."""
+"""The shipped demo model through dymoe: its bundle's fp32 experts score the held-out text as
+transformers does (within the default int8 backbone's bound), and `dymoe demo` runs end to end on a
+fresh cache, then reuses its bundle."""
 
 from __future__ import annotations
 
@@ -13,12 +14,14 @@ import numpy as np
 import pytest
 import torch
 
+from dymoe.bundle.manifest import read_manifest
 from dymoe.demo import DEMO_PRECISIONS, demo_model_dir, ensure_demo_bundle
 from dymoe.runtime.bundle import Bundle
 from dymoe.runtime.evaluate import perplexity
 from dymoe.runtime.experts import StaticExperts
 from dymoe.runtime.model import MoEModel
 from dymoe.runtime.tokenizer import TextTokenizer
+from dymoe.toolchain.options import BACKBONE_PRECISION
 
 WINDOW, WINDOWS = 128, 6
 
@@ -45,7 +48,10 @@ def test_demo_bundle_perplexity_matches_transformers(demo_bundle):
             n += WINDOW - 1
     theirs = float(np.exp(nll / n))
     assert ours.tokens == n
-    assert abs(ours.ppl - theirs) / theirs < 1e-3
+    # the demo exports with the default int8 backbone: within its documented bound of the float model (README
+    # "Backbone precision"); a float32 backbone matches transformers to 1e-4 (test_parity.py)
+    assert read_manifest(demo_bundle).backbone.precision == BACKBONE_PRECISION == "int8"
+    assert abs(ours.ppl - theirs) / theirs < 5e-3
     assert ours.ppl < 0.25 * b.spec.vocab_size  # a trained model, far from uniform guessing
     assert Bundle(demo_bundle).precisions == list(DEMO_PRECISIONS)
 

@@ -37,6 +37,7 @@ FILES = {
     "backbone/head.onnx": b"head",
     "backbone/router_000.onnx": b"router zero",
     "backbone/router_001.onnx": b"router one",
+    "backbone/embed.onnx.data": b"the embedding table",  # listed, named by no graph unless an edit says so
     "tokenizer.json": b"{}",
     **{f"experts/l{layer}e{e}.{p}.onnx": f"expert {layer} {e} {p}".encode() for layer in range(2) for e in range(2)
        for p in ("fp16", "int4")},
@@ -184,6 +185,12 @@ GOOD_EDITS = [
     (("architecture", "extra"), {"a": [1, 2.5, None]}, lambda m: m.architecture["extra"] == {"a": [1, 2.5, None]}),
     (("model", "bos_token_id"), 7, lambda m: m.model.bos_token_id == 7),
     (("quantization", "formats", "int4"), "qdq", lambda m: m.quantization.formats["int4"] == "qdq"),
+    (("backbone", "external_data"), {"backbone/embed.onnx": ["backbone/embed.onnx.data"]},
+     lambda m: m.backbone.external_data == {"backbone/embed.onnx": ["backbone/embed.onnx.data"]}),
+    (("backbone",), {k: v for k, v in json.loads(make_manifest().to_json())["backbone"].items()
+                     if k in ("embed", "layers", "head", "routers")},
+     lambda m: (m.backbone.precision, m.backbone.embedding, m.backbone.lm_head, m.backbone.external_data)
+     == ("fp32", "fp32", "fp32", {})),  # fields schema 4 added are optional: their default is schema 3's
 ]
 
 
@@ -214,6 +221,20 @@ BAD_CONTENT = [
     (("quantization", "precisions"), ["fp16", "int3"], "quantization.precisions"),
     (("quantization", "formats", "int4"), "exe", "quantization.formats"),
     (("experts", 1, "expert"), 0, "experts[1] is layer 0 expert 0"),
+    # schema 4: how the backbone is stored
+    (("backbone", "precision"), "int2", "backbone.precision"),
+    (("backbone", "embedding"), "int4", "backbone.embedding"),
+    (("backbone", "lm_head"), "fp8", "backbone.lm_head"),
+    (("backbone", "precision"), "int8", "backbone.quantizer"),  # integer codes, but no quantizer named
+    (("backbone", "quantizer"), "hqq", "backbone.quantizer"),  # a quantizer for float weights
+    (("backbone", "formats"), {"int8": "qdq"}, "backbone.formats"),  # a form for float linears
+    (("backbone", "external_data"), {"backbone/nope.onnx": ["backbone/nope.onnx.data"]}, "not a backbone graph"),
+    (("backbone", "external_data"), {"backbone/head.onnx": ["backbone/head.onnx.data"]}, "which files does not list"),
+    (("backbone", "external_data"), {"backbone/embed.onnx": ["experts/l0e0.int4.onnx"]}, "beside its own graph"),
+    (("backbone", "external_data"), {"backbone/embed.onnx": ["backbone/head.onnx"]}, "beside its own graph"),
+    (("backbone", "external_data"), {"backbone/embed.onnx": ["../embed.onnx.data"]}, "'..'"),
+    (("backbone", "external_data"), {"backbone/embed.onnx": ["backbone/embed.onnx.data"],
+                                     "backbone/head.onnx": ["backbone/embed.onnx.data"]}, "one graph per file"),
 ]
 
 
@@ -363,10 +384,10 @@ def test_manifest_is_plain_dataclasses():
     assert json.loads(m.to_json())["schema_version"] == SCHEMA_VERSION
 
 
-@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("version", [1, 2, 3])
 def test_older_schemas_point_to_the_upgrade(tmp_path, version):
-    """Schema 1 and 2 bundles have layer graphs this runtime no longer runs (the runtime routed):
-    the reader says how to upgrade them in place."""
+    """Schema 1 and 2 bundles have layer graphs this runtime no longer runs (the runtime routed);
+    schema 3 did not record how the backbone is stored: the reader says how to upgrade them in place."""
     write_bundle(tmp_path)
     data = json.loads((tmp_path / MANIFEST_NAME).read_text())
     data["schema_version"] = version

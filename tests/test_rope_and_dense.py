@@ -43,7 +43,7 @@ class Case:
     def __init__(self, arch, overrides, root):
         self.src, self.bundle = root / "src", root / "bundle"
         self.model = make_tiny_model(arch, self.src, seed=5, **overrides)
-        export(str(self.src), self.bundle, ExportOptions(precisions=("fp32", "int4")))
+        export(str(self.src), self.bundle, ExportOptions(precisions=("fp32", "int4"), backbone_precision="fp32"))
 
 
 @pytest.fixture(scope="module", params=list(CASES))

@@ -108,3 +108,42 @@ def test_a_crash_after_the_switch_is_cleaned_up_by_a_rerun(old, monkeypatch):
     assert (old / "backbone" / "layer_000.onnx").exists()  # but the old graphs are still there
     upgrade(old)
     assert not (old / "backbone" / "layer_000.onnx").exists()  # the rerun deleted them
+
+
+def _as_schema3(bundle: Path) -> dict:
+    """Rewrite a current bundle's manifest as schema 3 wrote it: no word on how the backbone is stored."""
+    data = json.loads((bundle / "manifest.json").read_text())
+    assert data["backbone"]["precision"] == "fp32" and data["backbone"]["external_data"] == {}
+    data["schema_version"] = 3
+    data["backbone"] = {k: data["backbone"][k] for k in ("embed", "layers", "head", "routers")}
+    (bundle / "manifest.json").write_text(json.dumps(data))
+    return data
+
+
+def test_schema3_upgrade_rewrites_the_manifest_alone(tiny_qwen3, tmp_path):
+    b = tmp_path / "s3"
+    shutil.copytree(tiny_qwen3.bundle, b)
+    _as_schema3(b)
+    before = _hashes(b)
+    proc = subprocess.run([sys.executable, "-m", "dymoe.cli", "run", str(b), "-p", "hi"], capture_output=True,
+                          text=True)
+    assert proc.returncode == 1 and "schema_version 3" in proc.stderr and f"dymoe upgrade {b}" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "dymoe.cli", "upgrade", str(b)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    after = _hashes(b)
+    assert {k for k in after if after[k] != before.get(k)} == {"manifest.json"}  # no graph touched
+    m = read_manifest(b)
+    assert (m.schema_version, m.backbone.precision, m.backbone.external_data) == (SCHEMA_VERSION, "fp32", {})
+    assert m.files == read_manifest(tiny_qwen3.bundle).files
+    upgrade(b)  # a second upgrade changes nothing
+    assert _hashes(b) == after
+
+
+def test_schema3_manifest_with_a_later_field_is_refused(tiny_qwen3, tmp_path):
+    b = tmp_path / "s3"
+    shutil.copytree(tiny_qwen3.bundle, b)
+    data = _as_schema3(b)
+    data["backbone"]["precision"] = "int4"
+    (b / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(BundleError, match="backbone.precision"):
+        upgrade(b)

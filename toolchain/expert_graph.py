@@ -140,8 +140,9 @@ def effective_weights(gate, up, down, precision: str, block_size: int):
 # Graph building.
 
 
-def _qdq_weight(proj: str, qm: QuantizedMatrix, out: str):
-    """Initializers + DequantizeLinear node producing float ``[K, N]`` named ``out``."""
+def qdq_weight(proj: str, qm: QuantizedMatrix, out: str):
+    """Initializers + DequantizeLinear node producing float ``[K, N]`` named ``out`` (the backbone's
+    quantized linears use the very same form, ``backbone_forms.py``)."""
     K, N = qm.K, qm.N
     if qm.bits == 8:
         w = numpy_helper.from_array(qm.q, f"{proj}_w")
@@ -161,7 +162,7 @@ def _qdq_weight(proj: str, qm: QuantizedMatrix, out: str):
     return [w, scale, zp], node
 
 
-def _nbits_matmul(proj: str, qm: QuantizedMatrix, a: str, out: str, accuracy_level: int):
+def nbits_matmul(proj: str, qm: QuantizedMatrix, a: str, out: str, accuracy_level: int):
     """Initializers + ``com.microsoft::MatMulNBits`` node computing ``out = a @ W``.
 
     Layout (ORT contrib op spec):
@@ -218,10 +219,10 @@ def _projection(proj: str, w_torch: np.ndarray, precision: str, fmt: str | None,
         raise ValueError(f"{proj}: quantized matrix is {qm.bits}-bit {qm.K}x{qm.N} block {qm.block_size}, "
                          f"expected {BITS[precision]}-bit {w_kn.shape[0]}x{w_kn.shape[1]} block {block_size}")
     if fmt == "qdq":
-        inits, dq = _qdq_weight(proj, qm, f"{proj}_w_dq")
+        inits, dq = qdq_weight(proj, qm, f"{proj}_w_dq")
         nodes = [dq, helper.make_node("MatMul", [a, f"{proj}_w_dq"], [out], name=mm)]
     else:
-        inits, node = _nbits_matmul(proj, qm, a, out, accuracy_level)
+        inits, node = nbits_matmul(proj, qm, a, out, accuracy_level)
         nodes = [node]
     return inits, nodes, dequantize(qm)
 

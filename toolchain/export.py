@@ -52,14 +52,16 @@ from dymoe.bundle.progress import Counter
 from dymoe.bundle.version import __version__
 
 from .archs import base, get_architecture
+from .backbone_forms import BackboneForm, bytes_per_weight, quantize_linears
 from .checkpoint import TOKENIZER_FILES, Checkpoint, resolve_model_path
 from .expert_graph import expected_bytes
+from .external_data import write_graph
 from .forms import SYMMETRIC_QUANTIZERS
 from .layout import Ref, check_coverage
-from .options import TARGET, ExportOptions
+from .options import EXTERNAL_DATA_BYTES, TARGET, ExportOptions
 from .quantizers import QuantizerOptions
 from .trt_graph import trt_block
-from .variants import variant_of, write_expert, write_model
+from .variants import variant_of, write_expert
 from .workers import worker_pool
 
 JOURNAL = EXPORT_JOURNAL
@@ -126,15 +128,17 @@ def _expert_task(folder: str, out: str, mapping: dict, layer: int, expert: int, 
 
 
 def _backbone_task(folder: str, out: str, model_type: str, settings: Any, mapping: dict, what: str,
-                   layer: int | None) -> dict[str, dict]:
-    """One backbone graph: ``embed``, ``head``, a ``layer`` or a ``router`` (of ``layer``)."""
+                   layer: int | None, form: BackboneForm = BackboneForm(),
+                   limit: int = EXTERNAL_DATA_BYTES) -> dict[str, dict]:
+    """One backbone graph: ``embed``, ``head``, a ``layer`` or a ``router`` (of ``layer``), its weights
+    stored in ``form`` (routers stay float32), tensors beyond ``limit`` bytes in external data."""
     ckpt = _checkpoint(folder)
     d: base.Decoder = settings.decoder
     if what == "embed":
-        rel, model = EMBED, base.embed_graph(_read(ckpt, mapping["embed"]))
+        rel, model = EMBED, base.embed_graph(_read(ckpt, mapping["embed"]), form)
     elif what == "head":
         lm = mapping["embed"] if d.tie_word_embeddings else mapping["lm_head"]
-        rel, model = HEAD, base.head_graph(d, _read(ckpt, mapping["final_norm"]), _read(ckpt, lm))
+        rel, model = HEAD, base.head_graph(d, _read(ckpt, mapping["final_norm"]), _read(ckpt, lm), form)
     else:
         prefix = f"layers.{layer}."
         wanted = (lambda c: c.startswith(prefix + "router")) if what == "router" else (
@@ -143,8 +147,9 @@ def _backbone_task(folder: str, out: str, model_type: str, settings: Any, mappin
         if what == "router":
             rel, model = router_path(layer), base.router_graph(d, settings.routing, tensors, layer)
         else:
-            rel, model = layer_path(layer), get_architecture(model_type).layer_graph(settings, tensors, layer)
-    return {rel: write_model(Path(out), rel, model)}
+            rel, model = layer_path(layer), quantize_linears(
+                get_architecture(model_type).layer_graph(settings, tensors, layer), form)
+    return write_graph(Path(out), rel, model, limit)
 
 
 # --- orchestration ------------------------------------------------------------------------
@@ -155,7 +160,8 @@ def fingerprint_of(source: CheckedCheckpoint, options: ExportOptions) -> str:
     blob = json.dumps(
         {"checkpoint": source.ckpt.fingerprint(), "precisions": options.validate(), "block_size": options.block_size,
          "quantizer": options.quantizer, "extra": dict(options.fingerprint_extra), "dymoe": __version__,
-         "schema": SCHEMA_VERSION, **({"target": options.target} if options.target != TARGET else {})},
+         "schema": SCHEMA_VERSION, **({"target": options.target} if options.target != TARGET else {}),
+         "backbone": [options.backbone_precision, options.external_data_bytes]},
         sort_keys=True,
     )
     return hashlib.sha256(blob.encode()).hexdigest()
@@ -237,6 +243,7 @@ def _export_locked(model: str, src: CheckedCheckpoint, precisions: tuple[str, ..
     spec = src.spec
     done = _prepare_out(out, fingerprint, options.force)
     done = {rel: e for rel, e in done.items() if _still_valid(out, rel, e)}
+    done = {rel: e for rel, e in done.items() if all(d in done for d in e.get("external_data", ()))}
     _check_disk(out, src, precisions, options, done)
     journal = Journal(out / JOURNAL, fingerprint, done)
     quantizer = QuantizerOptions(options.quantizer)
@@ -244,7 +251,9 @@ def _export_locked(model: str, src: CheckedCheckpoint, precisions: tuple[str, ..
               *(("layer", layer, layer_path(layer)) for layer in range(spec.num_layers)),
               *(("router", layer, router_path(layer)) for layer in spec.moe_layers)]
     common = (str(src.folder), str(out))
-    jobs: list[tuple] = [(_backbone_task, (*common, spec.model_type, src.settings, src.mapping, what, layer))
+    form = backbone_form(options)
+    jobs: list[tuple] = [(_backbone_task, (*common, spec.model_type, src.settings, src.mapping, what, layer, form,
+                                           options.external_data_bytes))
                          for what, layer, rel in graphs if rel not in done]
     for layer in spec.moe_layers:
         for e in range(spec.num_experts):
@@ -280,10 +289,14 @@ def _export_locked(model: str, src: CheckedCheckpoint, precisions: tuple[str, ..
             data = path.read_bytes()
             done[rel] = {"bytes": len(data), "sha256": atomic_write_bytes(resolve(out, rel), data)}
     manifest = _manifest(model, src, precisions, options.block_size, fingerprint, done, quantizer.name,
-                         options.formats)
+                         options.formats, form)
     manifest.write(out)
     journal.remove()
     return manifest
+
+
+def backbone_form(options: ExportOptions) -> BackboneForm:
+    return BackboneForm(options.backbone_precision, options.block_size, options.quantizer, options.target)
 
 
 def estimated_expert_bytes(spec: ModelSpec, precisions: tuple[str, ...], block_size: int) -> int:
@@ -292,12 +305,15 @@ def estimated_expert_bytes(spec: ModelSpec, precisions: tuple[str, ...], block_s
     return len(spec.moe_layers) * spec.num_experts * per
 
 
-def estimated_bytes(src: CheckedCheckpoint, precisions: tuple[str, ...], block_size: int) -> int:
-    """About how many bytes a bundle of ``src`` takes: experts at every precision plus the float32
-    backbone and routers (for the disk-space check before any work)."""
+def estimated_bytes(src: CheckedCheckpoint, precisions: tuple[str, ...], block_size: int,
+                    backbone_precision: str = "fp32") -> int:
+    """About how many bytes a bundle of ``src`` takes: experts at every precision plus the backbone
+    at its precision and the float32 routers (for the disk-space check before any work)."""
     backbone = sum(_numel(shape) for name, shape in src.arch.shapes(src.settings).items() if ".experts." not in name)
     routers = len(src.spec.moe_layers) * src.spec.num_experts * src.spec.hidden_size
-    return 4 * (backbone + routers) + estimated_expert_bytes(src.spec, precisions, block_size)
+    per_weight = bytes_per_weight(backbone_precision, block_size)
+    return (int(per_weight * backbone) + 4 * 2 * routers  # routers: in their own graph and in the layer's
+            + estimated_expert_bytes(src.spec, precisions, block_size))
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -309,7 +325,7 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 def _check_disk(out: Path, src: CheckedCheckpoint, precisions: tuple[str, ...], options: ExportOptions,
                 done: dict[str, dict]) -> None:
-    need = estimated_bytes(src, precisions, options.block_size)
+    need = estimated_bytes(src, precisions, options.block_size, options.backbone_precision)
     need += sum((src.folder / n).stat().st_size for n in TOKENIZER_FILES if (src.folder / n).is_file())
     need += options.reserve_bytes
     need -= sum(int(e.get("bytes", 0)) for e in done.values())
@@ -328,7 +344,7 @@ def _tool_versions() -> dict[str, str]:
 
 
 def _manifest(model: str, src: CheckedCheckpoint, precisions: tuple[str, ...], block_size: int, fingerprint: str,
-              done: dict[str, dict], quantizer: str, formats: dict[str, str]) -> Manifest:
+              done: dict[str, dict], quantizer: str, formats: dict[str, str], form: BackboneForm) -> Manifest:
     spec = src.spec
     experts = [ExpertEntry(layer=layer, expert=e,
                            variants={p: variant_of(expert_path(layer, e, p), p, done[expert_path(layer, e, p)])
@@ -346,7 +362,11 @@ def _manifest(model: str, src: CheckedCheckpoint, precisions: tuple[str, ...], b
         tools=_tool_versions(),
         tokenizer=sorted(r for r in done if r.startswith("tokenizer/")),
         backbone=Backbone(embed=EMBED, layers=[layer_path(i) for i in range(spec.num_layers)], head=HEAD,
-                          routers=[router_path(layer) for layer in spec.moe_layers]),
+                          routers=[router_path(layer) for layer in spec.moe_layers], precision=form.precision,
+                          embedding=form.embedding, lm_head=form.lm_head,
+                          quantizer=form.quantizer if form.quantized else None, formats=form.formats,
+                          external_data={rel: e["external_data"] for rel, e in sorted(done.items())
+                                         if e.get("external_data")}),
         experts=experts,
         architecture=base.settings_json(src.settings),
         files={rel: FileEntry(bytes=d["bytes"], sha256=d["sha256"]) for rel, d in sorted(done.items())},

@@ -1,4 +1,4 @@
-"""Synthetic Mixtral-layout checkpoints of any size, for benchmarks and tests.
+"""Synthetic Mixtral- or Qwen3-MoE-layout checkpoints of any size, for benchmarks and tests.
 
 Real checkpoints cannot be downloaded in CI, but export throughput, memory and runtime
 behaviour depend on tensor shapes, not on trained values. Weights are seeded Gaussians
@@ -29,12 +29,19 @@ def write_synthetic_checkpoint(
     dtype: str = "BF16",
     seed: int = 0,
     max_position_embeddings: int = 4096,
+    model_type: str = "mixtral",
+    head_dim: int | None = None,
 ) -> Path:
-    """Write config.json, one safetensors shard per layer plus the index, and tokenizer.json."""
+    """Write config.json, one safetensors shard per layer plus the index, and tokenizer.json.
+    ``model_type`` ``qwen3_moe`` adds Qwen3's per-head q/k norms and explicit ``head_dim``."""
+    if model_type not in ("mixtral", "qwen3_moe"):
+        raise ValueError(f"synthetic checkpoints are mixtral or qwen3_moe, not {model_type!r}")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    head_dim = hidden // heads
+    head_dim = head_dim or hidden // heads
+    qwen = model_type == "qwen3_moe"
+    moe, names = ("mlp.", ("gate_proj", "up_proj", "down_proj")) if qwen else ("block_sparse_moe.", ("w1", "w3", "w2"))
 
     def w(*shape: int) -> np.ndarray:
         return (rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(np.float32)
@@ -56,12 +63,15 @@ def write_synthetic_checkpoint(
              p + "self_attn.k_proj.weight": w(kv_heads * head_dim, hidden),
              p + "self_attn.v_proj.weight": w(kv_heads * head_dim, hidden),
              p + "self_attn.o_proj.weight": w(hidden, heads * head_dim),
-             p + "block_sparse_moe.gate.weight": w(experts, hidden)}
+             p + moe + "gate.weight": w(experts, hidden)}
+        if qwen:
+            t |= {p + "self_attn.q_norm.weight": np.ones(head_dim, np.float32),
+                  p + "self_attn.k_norm.weight": np.ones(head_dim, np.float32)}
         for e in range(experts):
-            q = f"{p}block_sparse_moe.experts.{e}."
-            t[q + "w1.weight"] = w(intermediate, hidden)
-            t[q + "w3.weight"] = w(intermediate, hidden)
-            t[q + "w2.weight"] = w(hidden, intermediate)
+            q = f"{p}{moe}experts.{e}."
+            t[q + names[0] + ".weight"] = w(intermediate, hidden)
+            t[q + names[1] + ".weight"] = w(intermediate, hidden)
+            t[q + names[2] + ".weight"] = w(hidden, intermediate)
         shard(f"model-layer{layer:03d}.safetensors", t)
         del t
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
@@ -74,6 +84,10 @@ def write_synthetic_checkpoint(
         "bos_token_id": None, "eos_token_id": None,
         "torch_dtype": {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}[dtype],
     }
+    if qwen:
+        config |= {"model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"], "num_experts": experts,
+                   "moe_intermediate_size": intermediate, "head_dim": head_dim, "norm_topk_prob": True}
+        del config["num_local_experts"]
     (folder / "config.json").write_text(json.dumps(config, indent=1))
     write_word_tokenizer(folder / "tokenizer.json", vocab)
     return folder

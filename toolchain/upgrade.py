@@ -1,5 +1,9 @@
-"""``dymoe upgrade``: bring a bundle written by an older dymoe (manifest schema 1 or 2) to the
+"""``dymoe upgrade``: bring a bundle written by an older dymoe (manifest schema 1, 2 or 3) to the
 current format without re-exporting it.
+
+Schema 3 bundles have today's graphs; their manifest only lacks how the backbone is stored (schema 4:
+``backbone.precision``, ``embedding``, ``quantizer``, ``external_data``), which was always float32
+and inline then, so upgrading one rewrites manifest.json alone, in one atomic write.
 
 Schema 1/2 layer graphs returned router logits and left routing to the runtime; since schema 3
 each layer graph makes its routing decision itself (the architecture's rule), a small router
@@ -28,6 +32,7 @@ from dymoe.bundle.fsutil import fsync_dir
 from dymoe.bundle.journal import Journal, read_retired
 from dymoe.bundle.lock import bundle_lock
 from dymoe.bundle.manifest import (
+    MANIFEST_ONLY_VERSIONS,
     OLD_SCHEMA_VERSIONS,
     SCHEMA_VERSION,
     Backbone,
@@ -36,6 +41,7 @@ from dymoe.bundle.manifest import (
     Manifest,
     Quantization,
     Source,
+    check_manifest,
     read_json,
     read_manifest,
     read_verified,
@@ -154,10 +160,30 @@ def upgrade(bundle: Path, progress: ProgressFn | None = None) -> Manifest:
             remove_listed(bundle, [r for r in read_retired(bundle / JOURNAL) if r not in m.files])
             (bundle / JOURNAL).unlink(missing_ok=True)
             return m
+        if version in MANIFEST_ONLY_VERSIONS:
+            return _upgrade_manifest(bundle, data)
         if version not in OLD_SCHEMA_VERSIONS:
             raise BundleError(f"{bundle}: schema_version {version!r} is not one dymoe can upgrade",
                               "re-export the bundle from its checkpoint")
         return _upgrade_locked(bundle, from_dict(OldManifest, data), progress)
+
+
+_SCHEMA3_BACKBONE = {"embed", "layers", "head", "routers"}
+
+
+def _upgrade_manifest(bundle: Path, data: dict) -> Manifest:
+    """Schema 3 -> 4: the backbone fields get what schema 3 always wrote (float32, inline)."""
+    backbone = data.get("backbone")
+    extra = sorted(set(backbone) - _SCHEMA3_BACKBONE) if isinstance(backbone, dict) else []
+    if extra:
+        raise BundleError(f"{bundle}/manifest.json: unknown field 'backbone.{extra[0]}' in a schema 3 manifest",
+                          "the bundle is corrupt or was not written by dymoe; re-export it")
+    m = from_dict(Manifest, {**data, "schema_version": SCHEMA_VERSION})
+    check_manifest(m)
+    m.tools = {**m.tools, "upgraded_by": __version__}
+    m.write(bundle)  # the one atomic switch; no other file changes
+    fsync_dir(bundle)
+    return read_manifest(bundle)
 
 
 def _upgrade_locked(bundle: Path, old: OldManifest, progress: ProgressFn | None) -> Manifest:

@@ -30,10 +30,12 @@ from dymoe.bundle import graph_io as io
 from dymoe.bundle.errors import CheckpointError
 from dymoe.bundle.manifest import CacheTensor, ModelSpec, spec_problems
 
+from ..backbone_forms import BackboneForm, gather_rows, head_logits
 from ..blocks.attention import GqaConfig
 from ..blocks.rope import SUPPORTED as ROPE_TYPES
 from ..blocks.rope import rope_parameters
 from ..blocks.routing import RouterConfig, route
+from ..expert_graph import MS_DOMAIN
 from ..layout import Ref
 from ..onnx_build import FLOAT, INT64, GraphBuilder
 
@@ -366,23 +368,20 @@ def router_graph(d: Decoder, routing: RouterConfig, t: Tensors, layer: int) -> o
     return g.model()
 
 
-def embed_graph(embed: np.ndarray) -> onnx.ModelProto:
+def embed_graph(embed: np.ndarray, form: BackboneForm = BackboneForm()) -> onnx.ModelProto:
     g = GraphBuilder("dymoe_embed")
     ids = g.input(io.EMBED_IN_IDS, INT64, ["T"])
-    out = g.op("Gather", [g.init("embed", embed.astype(np.float32)), ids], axis=0)
-    g.output(out, io.EMBED_OUT, FLOAT, ["T", embed.shape[1]])
+    g.output(gather_rows(g, embed, ids, form), io.EMBED_OUT, FLOAT, ["T", embed.shape[1]])
     return g.model()
 
 
-def head_graph(d: Decoder, final_norm: np.ndarray, lm_head: np.ndarray) -> onnx.ModelProto:
+def head_graph(d: Decoder, final_norm: np.ndarray, lm_head: np.ndarray,
+               form: BackboneForm = BackboneForm()) -> onnx.ModelProto:
     g = GraphBuilder("dymoe_head")
     x = g.input(io.HEAD_IN, FLOAT, ["T", d.hidden_size])
     x = g.rms_norm(x, final_norm, d.rms_norm_eps, "final_norm")
-    # Gemm with transB keeps the [V, H] weight as stored: no transposed copy of the largest
-    # backbone tensor during export
-    logits = g.op("Gemm", [x, g.init("lm_head", np.asarray(lm_head, dtype=np.float32))], transB=1)
-    g.output(logits, io.HEAD_OUT, FLOAT, ["T", d.vocab_size])
-    return g.model()
+    g.output(head_logits(g, x, lm_head, form), io.HEAD_OUT, FLOAT, ["T", d.vocab_size])
+    return g.model({MS_DOMAIN: 1} if any(n.domain == MS_DOMAIN for n in g.nodes) else None)
 
 
 # --- grouped-query attention, as Mixtral, Qwen and OLMoE checkpoints store it ---------------
