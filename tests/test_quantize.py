@@ -118,6 +118,18 @@ def test_transposed_view_and_chunking(monkeypatch):
     np.testing.assert_array_equal(odd.scale, odd_ref.scale)
 
 
+@pytest.mark.parametrize("K", [160, 150, 20])  # whole blocks, a short last block, only a short block
+def test_dequantize_codes_stored_transposed(K):
+    """Codes kept ``[N, K]`` (hqq's layout, ``q`` their transposed view) dequantize, in their own
+    memory order, to exactly what the ``[K, N]`` path gives."""
+    rng = np.random.default_rng(6)
+    ref = quantize_rtn(rng.standard_normal((K, 24)).astype(np.float32), 4, 32)
+    stored_nk = QuantizedMatrix(q=np.ascontiguousarray(ref.q.T).T, scale=ref.scale, zero_point=ref.zero_point,
+                                bits=4, block_size=32, K=K, N=24)
+    assert not stored_nk.q.flags.c_contiguous
+    np.testing.assert_array_equal(dequantize(stored_nk), dequantize(ref))
+
+
 def test_float64_input():
     w = np.random.default_rng(5).standard_normal((64, 4))
     a = quantize_rtn(w, 8, 32)

@@ -3,7 +3,10 @@
 Same output as :func:`dymoe.toolchain.blockquant.quantize_rtn` - uint8 codes, float32 scale, integer
 zero point per (block, column) - so the ONNX encodings (QDQ, MatMulNBits) do not change. Only the
 choice of ``scale`` and ``zero_point`` differs. Dimension letters as in ``quantize.py``: ``K`` in,
-``N`` out, ``B`` block along K, ``nb`` blocks; a slab of blocks is ``[nblk, B, N]``.
+``N`` out, ``B`` block along K, ``nb`` blocks. The search works on *pairs*: one row ``[P, B]`` per
+(block, column), which is how a torch ``Linear`` weight ``[N, K]`` already lies in memory (each
+block of a column is B consecutive floats), so it needs no transposed copy, every reduction runs
+along contiguous memory, and a subset of pairs is a cheap row gather.
 
 Round-to-nearest takes the block's min/max as the range, so one large weight stretches the step
 for all 32 and most of them round to the same few codes. This quantizer instead minimises the
@@ -20,7 +23,13 @@ block's *salience-weighted* squared error ``sum c (w - s (q - z))^2`` with
    DequantizeLinear and MatMulNBits store) and ``s`` is refitted for that integer ``z``.
 3. Every candidate is scored by that error and the best is kept per (block, column), with RTN's
    own parameters among the candidates, so the range search never picks worse than RTN block by
-   block (under that error; step 4 then trades a little of it for no bias).
+   block (under that error; step 4 then trades a little of it for no bias). A candidate is only
+   scored on the pairs where it can win: the error of a pair is a sum of non-negative terms, so
+   the terms of its largest and smallest weights alone bound it from below (in floating point as
+   well: adding a non-negative number never lowers a rounded sum). Where that bound already
+   reaches the best error so far, the candidate cannot be strictly better and is skipped: the
+   picks are those of the full search. At 8 bits shrinking the range nearly never pays, and the
+   bound skips nearly everything; at 2 bits most candidates are scored.
 4. Unbiasing: with its codes fixed, each (block, column)'s scale is multiplied by
    ``<w, w> / <w_q, w>`` so that ``<w_q, w> = <w, w>``. A least-squares fit shrinks:
    ``||w_q|| < ||w||``, and every expert's output comes out a little too small; through the
@@ -42,7 +51,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .blockquant import SUPPORTED_BITS, QuantizedMatrix, block_slabs, minmax_params, round_codes
+from .blockquant import SUPPORTED_BITS, QuantizedMatrix, minmax_params
+
+# Pairs searched at once: each float32 temporary of the search is then 4096 x 32 x 4 = 512 KiB, so
+# the handful alive at a time stay in a core's L2 cache across the ~10 passes of each candidate.
+CHUNK_PAIRS = 4096
 
 
 @dataclass(frozen=True)
@@ -57,122 +70,193 @@ class HqqOptions:
     kappa: float = 1.01  # beta grows by this factor per iteration
     tol: float = 1e-3  # stop once an iteration removes less than this fraction of the remaining error
     unbiased: bool = True  # step 4: rescale so that <w_q, w> = <w, w> per (block, column)
+    prune: bool = True  # skip candidates that provably cannot win (same picks; False only to test that)
 
 
-def _sq_error(wb: np.ndarray, s: np.ndarray, z: np.ndarray, q: np.ndarray, c: np.ndarray | None = None) -> np.ndarray:
-    """Weighted squared error per (block, column): ``sum_B c (s (q - z) - w)^2``, ``[nblk, N]``.
-
-    Consumes ``q`` (its buffer is reused): callers pass fresh codes."""
-    d = q
-    d -= z[:, None, :]
-    d *= s[:, None, :]
-    d -= wb
-    np.square(d, out=d)
-    if c is not None:
-        d *= c
-    return d.sum(axis=1)  # float32 over one block of B elements: ample precision for comparisons
+def codes(w: np.ndarray, s: np.ndarray, z: np.ndarray, qmax: float) -> np.ndarray:
+    """Float32 codes ``clip(rint(w / s) + z, 0, qmax)`` of pairs ``w [P, B]`` (``s, z [P]``): what
+    :func:`blockquant.round_codes` computes, element for element."""
+    t = np.divide(w, s[:, None], dtype=np.float32)
+    np.rint(t, out=t)
+    t += z[:, None]
+    np.clip(t, 0.0, qmax, out=t)
+    return t
 
 
-def _salience(wb: np.ndarray, salience: float) -> np.ndarray | None:
-    """Per-element error weights ``1 + salience * w^2 / mean_block(w^2)`` (None: all ones)."""
+def _residual(w: np.ndarray, s: np.ndarray, z: np.ndarray, qmax: float) -> np.ndarray:
+    """``s (q - z) - w`` with the codes ``q`` of ``(s, z)``: ``q - z = clip(rint(w / s), -z, qmax - z)``
+    exactly (integers below 2^24), which saves two passes."""
+    t = np.divide(w, s[..., None], dtype=np.float32)
+    np.rint(t, out=t)
+    np.maximum(t, -z[..., None], out=t)
+    np.minimum(t, qmax - z[..., None], out=t)
+    t *= s[..., None]
+    t -= w
+    return t
+
+
+def _error(w: np.ndarray, s: np.ndarray, z: np.ndarray, qmax: float, c: np.ndarray | None) -> np.ndarray:
+    """Weighted squared error per pair, ``sum_B c (s (q - z) - w)^2``, ``[P]``."""
+    t = _residual(w, s, z, qmax)
+    return np.einsum("pb,pb->p", t if c is None else t * c, t)
+
+
+def _extremes(w: np.ndarray) -> np.ndarray:
+    """``[P, 2]``: each pair's largest and smallest weight, by halving the rows (numpy's own min and
+    max along a short contiguous axis cost ten times more; the result is the same)."""
+    hi = lo = w
+    while hi.shape[1] > 1:
+        h = hi.shape[1] // 2
+        odd = hi.shape[1] % 2
+        hi = np.maximum(hi[:, :h], hi[:, h:2 * h]) if not odd else np.maximum(hi[:, :h + 1], hi[:, h:])
+        lo = np.minimum(lo[:, :h], lo[:, h:2 * h]) if not odd else np.minimum(lo[:, :h + 1], lo[:, h:])
+    return np.concatenate([hi, lo], axis=1)
+
+
+def _bound(ext: np.ndarray, cext: np.ndarray | None, s: np.ndarray, z: np.ndarray, qmax: float) -> np.ndarray:
+    """The larger error term of each pair's two extreme elements ``ext [P, 2]``, computed as
+    :func:`_error` computes each term: a lower bound of the pair's error."""
+    t = _residual(ext, s, z, qmax)
+    terms = (t if cext is None else t * cext) * t
+    return np.maximum(terms[:, 0], terms[:, 1])
+
+
+def _salience(w: np.ndarray, salience: float) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Per-element error weights ``1 + salience * w^2 / mean_block(w^2)`` (None: all ones), and the
+    per-pair factor ``salience / mean`` that gives any one element's weight the same way."""
     if salience == 0:
-        return None
-    w2 = np.square(wb)
-    mean = w2.mean(axis=1, keepdims=True)
+        return None, None
+    w2 = np.square(w)
+    mean = np.einsum("pb->p", w2) / np.float32(w.shape[1])
     mean[mean == 0] = 1.0
-    w2 *= np.float32(salience) / mean
+    factor = np.float32(salience) / mean
+    w2 *= factor[:, None]
     w2 += 1.0
-    return w2
+    return w2, factor
 
 
-def fit_params(wb: np.ndarray, bits: int, options: HqqOptions = HqqOptions()) -> tuple[np.ndarray, np.ndarray]:
-    """Scale and integer zero point (as float32) ``[nblk, N]`` for blocks ``wb [nblk, B, N]``."""
-    s, z, _ = fit(wb, bits, options)
-    return s, z
-
-
-def fit(wb: np.ndarray, bits: int, options: HqqOptions = HqqOptions()) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """:func:`fit_params` plus the float32 codes ``[nblk, B, N]`` they were fitted with."""
+def fit_pairs(w: np.ndarray, bits: int, options: HqqOptions = HqqOptions()) -> tuple[np.ndarray, np.ndarray,
+                                                                                       np.ndarray]:
+    """Scale, integer zero point (as float32) ``[P]`` and the float32 codes ``[P, B]`` they were
+    fitted with, for pairs ``w [P, B]``."""
     qmax = float((1 << bits) - 1)
-    wb = np.asarray(wb, dtype=np.float32)
-    lo0 = np.minimum(wb.min(axis=1), 0.0)
-    hi0 = np.maximum(wb.max(axis=1), 0.0)
-    weight = _salience(wb, options.salience)
+    w = np.ascontiguousarray(w, dtype=np.float32)
+    ext = _extremes(w)  # [P, 2]: max, min
+    hi0, lo0 = np.maximum(ext[:, 0], 0.0), np.minimum(ext[:, 1], 0.0)
+    weight, factor = _salience(w, options.salience)
+    # the error weights of each pair's extreme elements, as _salience computes them element-wise
+    cext = None if factor is None else np.square(ext) * factor[:, None] + 1.0
     best_s, best_z = minmax_params(lo0, hi0, qmax)  # RTN's own parameters: never worse than RTN
-    best_err = _sq_error(wb, best_s, best_z, round_codes(wb, best_s, best_z, qmax), weight)
+    best_err = _error(w, best_s, best_z, qmax, weight)
 
-    def consider(s: np.ndarray, z: np.ndarray, q: np.ndarray | None = None) -> float:
-        """Keep the better parameters per (block, column); return the total error removed."""
-        err = _sq_error(wb, s, z, round_codes(wb, s, z, qmax) if q is None else q.copy(), weight)
-        better = err < best_err
-        gain = float((best_err[better] - err[better]).sum())
-        best_err[better] = err[better]
-        best_s[better] = s[better]
-        best_z[better] = z[better]
+    def consider(s: np.ndarray, z: np.ndarray, prune: bool) -> float:
+        """Keep the better parameters per pair; return the total error removed."""
+        rows = None  # every pair
+        if prune:
+            live = _bound(ext, cext, s, z, qmax) < best_err
+            n = int(np.count_nonzero(live))
+            if n == 0:
+                return 0.0
+            if n < len(live) // 2:  # score only where the candidate can win (a gather costs a pass)
+                rows = np.flatnonzero(live)
+        if rows is None:
+            err = _error(w, s, z, qmax, weight)
+            rows = np.flatnonzero(err < best_err)
+            err = err[rows]
+        else:
+            err = _error(w[rows], s[rows], z[rows], qmax, None if weight is None else weight[rows])
+            better = err < best_err[rows]
+            rows, err = rows[better], err[better]
+        gain = float((best_err[rows] - err).sum())
+        best_err[rows] = err
+        best_s[rows] = s[rows]
+        best_z[rows] = z[rows]
         return gain
 
     for shrink in options.grid:
         if shrink != 1.0:
-            consider(*minmax_params(lo0 * np.float32(shrink), hi0 * np.float32(shrink), qmax))
-
-    s, z = best_s.copy(), best_z.copy()
-    q = round_codes(wb, s, z, qmax) if options.iters else None
-    beta = options.beta
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        for _ in range(options.iters):
-            u = wb - (q - z[:, None, :]) * s[:, None, :]  # residual...
-            u /= s[:, None, :]  # ...in units of the step
-            mag = np.abs(u)
-            shrunk = np.maximum(mag - np.power(mag, options.lp - 1.0) / np.float32(beta), 0.0)
-            target = wb - np.sign(u) * shrunk * s[:, None, :]  # w minus its sparse outlier part
-            del u, mag, shrunk
-            # weighted least squares target ~ a q + b per (block, column), then z = -b / a rounded
-            cw = np.ones_like(q) if weight is None else weight
-            total = cw.sum(axis=1)
-            qm = np.einsum("bkn,bkn->bn", cw, q) / total
-            tm = np.einsum("bkn,bkn->bn", cw, target) / total
-            qc = q - qm[:, None, :]
-            qc_w = qc * cw
-            a = np.einsum("bkn,bkn->bn", qc_w, target - tm[:, None, :]) / np.einsum("bkn,bkn->bn", qc_w, qc)
-            del qc, qc_w
-            ok = np.isfinite(a) & (a > 0)
-            z_new = np.clip(np.rint((a * qm - tm) / a), 0.0, qmax).astype(np.float32)
-            d = q - z_new[:, None, :]
-            s_new = (np.einsum("bkn,bkn->bn", cw * target, d) / np.einsum("bkn,bkn->bn", cw * d, d)).astype(np.float32)
-            ok &= np.isfinite(s_new) & (s_new > 0)
-            s = np.where(ok, s_new, s).astype(np.float32)
-            z = np.where(ok, z_new, z).astype(np.float32)
-            q = round_codes(wb, s, z, qmax)
-            if consider(s, z, q) <= options.tol * float(best_err.sum()):
-                break  # HQQ's own stopping rule: the error stopped falling
-            beta *= options.kappa
-    q = round_codes(wb, best_s, best_z, qmax)
+            consider(*minmax_params(lo0 * np.float32(shrink), hi0 * np.float32(shrink), qmax), options.prune)
+    if options.iters:
+        _refine(w, weight, best_s, best_z, best_err, qmax, options, consider)
+    q = codes(w, best_s, best_z, qmax)
     if options.unbiased:
-        what = (q - best_z[:, None, :]) * best_s[:, None, :]
-        energy = np.einsum("bkn,bkn->bn", wb, wb, dtype=np.float64)
-        overlap = np.einsum("bkn,bkn->bn", what, wb, dtype=np.float64)
+        what = (q - best_z[:, None]) * best_s[:, None]
+        energy = np.einsum("pb,pb->p", w, w, dtype=np.float64)
+        overlap = np.einsum("pb,pb->p", what, w, dtype=np.float64)
         with np.errstate(divide="ignore", invalid="ignore"):
-            factor = np.where((overlap > 0) & (energy > 0), energy / overlap, 1.0)
-        best_s = (best_s * factor).astype(np.float32)
+            scale = np.where((overlap > 0) & (energy > 0), energy / overlap, 1.0)
+        best_s = (best_s * scale).astype(np.float32)
     return best_s, best_z, q
 
 
+def _refine(w, weight, best_s, best_z, best_err, qmax, options: HqqOptions, consider) -> None:
+    """HQQ's half-quadratic iterations from the range search's best (see the module doc, step 2)."""
+    s, z = best_s.copy(), best_z.copy()
+    q = codes(w, s, z, qmax)
+    cw = np.ones_like(w) if weight is None else weight
+    total = cw.sum(axis=1)
+    beta = options.beta
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        for _ in range(options.iters):
+            u = w - (q - z[:, None]) * s[:, None]  # residual...
+            u /= s[:, None]  # ...in units of the step
+            mag = np.abs(u)
+            shrunk = np.maximum(mag - np.power(mag, options.lp - 1.0) / np.float32(beta), 0.0)
+            target = w - np.sign(u) * shrunk * s[:, None]  # w minus its sparse outlier part
+            del u, mag, shrunk
+            # weighted least squares target ~ a q + b per pair, then z = -b / a rounded
+            qm = np.einsum("pb,pb->p", cw, q) / total
+            tm = np.einsum("pb,pb->p", cw, target) / total
+            qc = q - qm[:, None]
+            qc_w = qc * cw
+            a = np.einsum("pb,pb->p", qc_w, target - tm[:, None]) / np.einsum("pb,pb->p", qc_w, qc)
+            del qc, qc_w
+            ok = np.isfinite(a) & (a > 0)
+            z_new = np.clip(np.rint((a * qm - tm) / a), 0.0, qmax).astype(np.float32)
+            d = q - z_new[:, None]
+            s_new = (np.einsum("pb,pb->p", cw * target, d) / np.einsum("pb,pb->p", cw * d, d)).astype(np.float32)
+            ok &= np.isfinite(s_new) & (s_new > 0)
+            s = np.where(ok, s_new, s).astype(np.float32)
+            z = np.where(ok, z_new, z).astype(np.float32)
+            q = codes(w, s, z, qmax)
+            if consider(s, z, False) <= options.tol * float(best_err.sum()):
+                break  # HQQ's own stopping rule: the error stopped falling
+            beta *= options.kappa
+
+
+def fit_params(wb: np.ndarray, bits: int, options: HqqOptions = HqqOptions()) -> tuple[np.ndarray, np.ndarray]:
+    """Scale and integer zero point (as float32) ``[nblk, N]`` for blocks ``wb [nblk, B, N]``."""
+    nblk, B, N = wb.shape
+    s, z, _ = fit_pairs(np.transpose(wb, (0, 2, 1)).reshape(nblk * N, B), bits, options)
+    return s.reshape(nblk, N), z.reshape(nblk, N)
+
+
 def quantize_hqq(w: np.ndarray, bits: int, block_size: int, options: HqqOptions = HqqOptions()) -> QuantizedMatrix:
-    """Quantize ``w [K, N]`` along K in blocks of ``block_size`` with optimised parameters."""
+    """Quantize ``w [K, N]`` along K in blocks of ``block_size`` with optimised parameters.
+
+    ``w`` is best the transposed view of a torch weight ``[N, K]`` (what ``quantize_expert``
+    passes): then no copy of it is made. The codes come back as the ``[K, N]`` view of an
+    ``[N, K]`` array, the layout MatMulNBits stores."""
     if bits not in SUPPORTED_BITS:
         raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
     if w.ndim != 2:
         raise ValueError(f"expected a 2-D [K, N] matrix, got shape {w.shape}")
     K, N = w.shape
-    nb = -(-K // block_size)
-    q = np.empty((K, N), dtype=np.uint8)
-    scale = np.empty((nb, N), dtype=np.float32)
-    zero_point = np.empty((nb, N), dtype=np.uint8)
-    for r0, r1, b0, b1 in block_slabs(K, block_size, N):
-        nblk = b1 - b0
-        wb = np.asarray(w[r0:r1], dtype=np.float32).reshape(nblk, (r1 - r0) // nblk, N)
-        s, z, codes = fit(wb, bits, options)
-        q[r0:r1] = codes.reshape(r1 - r0, N)
-        scale[b0:b1] = s
-        zero_point[b0:b1] = z
-    return QuantizedMatrix(q=q, scale=scale, zero_point=zero_point, bits=bits, block_size=block_size, K=K, N=N)
+    B = block_size
+    nfull, tail = divmod(K, B)
+    nb = nfull + (tail > 0)
+    w_nk = np.ascontiguousarray(np.asarray(w).T, dtype=np.float32)  # no copy for a transposed torch weight
+    q = np.empty((N, K), dtype=np.uint8)
+    scale = np.empty((N, nb), dtype=np.float32)
+    zero_point = np.empty((N, nb), dtype=np.uint8)
+    parts = [(0, nfull, B)] if nfull else []
+    if tail:
+        parts.append((nfull, nb, tail))
+    for b0, b1, width in parts:
+        pairs = w_nk[:, b0 * B:b0 * B + (b1 - b0) * width].reshape(N * (b1 - b0), width)
+        got = [fit_pairs(pairs[p0:p0 + CHUNK_PAIRS], bits, options) for p0 in range(0, len(pairs), CHUNK_PAIRS)]
+        scale[:, b0:b1] = np.concatenate([g[0] for g in got]).reshape(N, b1 - b0)
+        zero_point[:, b0:b1] = np.concatenate([g[1] for g in got]).reshape(N, b1 - b0)
+        q[:, b0 * B:b0 * B + (b1 - b0) * width] = np.concatenate([g[2] for g in got]).reshape(N, (b1 - b0) * width)
+    return QuantizedMatrix(q=q.T, scale=np.ascontiguousarray(scale.T), zero_point=np.ascontiguousarray(zero_point.T),
+                           bits=bits, block_size=B, K=K, N=N)
