@@ -130,6 +130,17 @@ def test_dequantize_codes_stored_transposed(K):
     np.testing.assert_array_equal(dequantize(stored_nk), dequantize(ref))
 
 
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.uint8])
+@pytest.mark.parametrize("shape", [(768, 2048), (37, 5), (1, 9), (16, 16), (0, 4)])
+def test_transposed_copy(dtype, shape):
+    from dymoe.toolchain.transpose import transposed
+
+    a = (np.random.default_rng(7).standard_normal(shape) * 50).astype(dtype)
+    t = transposed(a)
+    assert t.flags.c_contiguous and t.dtype == a.dtype
+    np.testing.assert_array_equal(t, a.T)
+
+
 def test_float64_input():
     w = np.random.default_rng(5).standard_normal((64, 4))
     a = quantize_rtn(w, 8, 32)

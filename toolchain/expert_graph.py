@@ -32,6 +32,7 @@ summation order.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,6 +43,7 @@ from dymoe.bundle.precisions import BITS, PRECISIONS
 
 from .blockquant import QuantizedMatrix, dequantize, pack_codes, quantize_rtn
 from .onnx_build import IR_VERSION, OPSET
+from .transpose import transposed
 
 DEFAULT_FORMAT = {"int8": "qdq", "int4": "qdq", "int2": "nbits"}
 FORMATS = ("qdq", "nbits")
@@ -78,9 +80,13 @@ def reference_forward(x: np.ndarray, gate: np.ndarray, up: np.ndarray,
     return ((silu(g) * u) @ np.asarray(down, dtype=np.float32).T).astype(np.float32, copy=False)
 
 
+@functools.lru_cache(maxsize=4)
 def probe_input(H: int) -> np.ndarray:
-    """The fixed input used for ``ExpertQuantStats.output_rel_error``."""
-    return np.random.default_rng(0).standard_normal((16, H)).astype(np.float32)
+    """The fixed input used for ``ExpertQuantStats.output_rel_error`` (read-only: made once per H,
+    not once per variant)."""
+    x = np.random.default_rng(0).standard_normal((16, H)).astype(np.float32)
+    x.flags.writeable = False
+    return x
 
 
 def expected_bytes(H: int, I: int, precision: str, block_size: int) -> int:
@@ -206,12 +212,14 @@ def _projection(proj: str, w_torch: np.ndarray, precision: str, fmt: str | None,
         init = numpy_helper.from_array(w_kn, f"{proj}_w")
         return [init], [helper.make_node("MatMul", [a, init.name], [out], name=mm)], w_kn
     if precision == "fp16":
-        w16 = np.ascontiguousarray(w_kn, dtype=np.float16)
-        init = numpy_helper.from_array(w16, f"{proj}_w")
+        # rounded in the torch layout's own memory order, then transposed on 2-byte values
+        w16 = np.asarray(w_torch).astype(np.float16)
+        init = numpy_helper.from_array(transposed(w16), f"{proj}_w")
+        w16 = w16.T
         cast = helper.make_node("Cast", [init.name], [f"{proj}_w_f32"], name=f"{proj}_cast",
                                 to=TensorProto.FLOAT)
         node = helper.make_node("MatMul", [a, f"{proj}_w_f32"], [out], name=mm)
-        return [init], [cast, node], w16.astype(np.float32)
+        return [init], [cast, node], w16.astype(np.float32)  # same memory order as w_kn: fast to compare
     if qm is None:
         qm = quantize_rtn(w_kn, BITS[precision], block_size)
     elif (qm.K, qm.N, qm.bits, qm.block_size) != (*w_kn.shape, BITS[precision], block_size):
