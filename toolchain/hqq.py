@@ -113,12 +113,22 @@ def _extremes(w: np.ndarray) -> np.ndarray:
     return np.concatenate([hi, lo], axis=1)
 
 
-def _bound(ext: np.ndarray, cext: np.ndarray | None, s: np.ndarray, z: np.ndarray, qmax: float) -> np.ndarray:
-    """The larger error term of each pair's two extreme elements ``ext [P, 2]``, computed as
-    :func:`_error` computes each term: a lower bound of the pair's error."""
-    t = _residual(ext, s, z, qmax)
+# Rounding slack of a float32 sum of at most a few hundred non-negative terms, relative (each
+# addition and product rounds by at most 2^-24 of its value) and absolute (below the normal range).
+_SLACK, _TINY = np.float32(1 - 2.0**-14), np.float32(2.0**-120)
+
+
+def _bounds(ext: np.ndarray, cext: np.ndarray | None, s: np.ndarray, z: np.ndarray, qmax: float) -> np.ndarray:
+    """Lower bounds ``[G, P]`` of the pairs' errors under candidates ``s, z [G, P]``: the error
+    terms of each pair's largest and smallest weight ``ext [P, 2]``, computed as :func:`_error`
+    computes every term, added (less the slack that rounding in the full sum could take off) when
+    they are two elements, else the one."""
+    t = _residual(ext, s, z, qmax)  # [G, P, 2]
     terms = (t if cext is None else t * cext) * t
-    return np.maximum(terms[:, 0], terms[:, 1])
+    both = terms[..., 0] + terms[..., 1]
+    both *= _SLACK
+    both -= _TINY
+    return np.where(ext[:, 0] > ext[:, 1], both, np.maximum(terms[..., 0], terms[..., 1]))
 
 
 def _salience(w: np.ndarray, salience: float) -> tuple[np.ndarray | None, np.ndarray | None]:
@@ -149,11 +159,12 @@ def fit_pairs(w: np.ndarray, bits: int, options: HqqOptions = HqqOptions()) -> t
     best_s, best_z = minmax_params(lo0, hi0, qmax)  # RTN's own parameters: never worse than RTN
     best_err = _error(w, best_s, best_z, qmax, weight)
 
-    def consider(s: np.ndarray, z: np.ndarray, prune: bool) -> float:
-        """Keep the better parameters per pair; return the total error removed."""
+    def consider(s: np.ndarray, z: np.ndarray, bound: np.ndarray | None) -> float:
+        """Keep the better parameters per pair; return the total error removed. ``bound``: lower
+        bounds of the candidate's errors (None: score it everywhere)."""
         rows = None  # every pair
-        if prune:
-            live = _bound(ext, cext, s, z, qmax) < best_err
+        if bound is not None:
+            live = bound < best_err
             n = int(np.count_nonzero(live))
             if n == 0:
                 return 0.0
@@ -173,9 +184,12 @@ def fit_pairs(w: np.ndarray, bits: int, options: HqqOptions = HqqOptions()) -> t
         best_z[rows] = z[rows]
         return gain
 
-    for shrink in options.grid:
-        if shrink != 1.0:
-            consider(*minmax_params(lo0 * np.float32(shrink), hi0 * np.float32(shrink), qmax), options.prune)
+    shrinks = np.array([f for f in options.grid if f != 1.0], dtype=np.float32)[:, None]
+    if len(shrinks):
+        cand_s, cand_z = minmax_params(lo0 * shrinks, hi0 * shrinks, qmax)  # [G, P], all candidates at once
+        bounds = _bounds(ext, cext, cand_s, cand_z, qmax) if options.prune else [None] * len(shrinks)
+        for s, z, bound in zip(cand_s, cand_z, bounds, strict=True):
+            consider(s, z, bound)  # in the grid's order: the first of equal errors wins, as it always did
     if options.iters:
         _refine(w, weight, best_s, best_z, best_err, qmax, options, consider)
     q = codes(w, best_s, best_z, qmax)
@@ -219,7 +233,7 @@ def _refine(w, weight, best_s, best_z, best_err, qmax, options: HqqOptions, cons
             s = np.where(ok, s_new, s).astype(np.float32)
             z = np.where(ok, z_new, z).astype(np.float32)
             q = codes(w, s, z, qmax)
-            if consider(s, z, False) <= options.tol * float(best_err.sum()):
+            if consider(s, z, None) <= options.tol * float(best_err.sum()):
                 break  # HQQ's own stopping rule: the error stopped falling
             beta *= options.kappa
 
