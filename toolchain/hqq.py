@@ -83,10 +83,25 @@ def codes(w: np.ndarray, s: np.ndarray, z: np.ndarray, qmax: float) -> np.ndarra
     return t
 
 
-def _residual(w: np.ndarray, s: np.ndarray, z: np.ndarray, qmax: float) -> np.ndarray:
+class _Work:
+    """Scratch arrays the search reuses for every candidate and chunk: a fresh 512 KiB temporary
+    per numpy call costs its page faults each time, nearly doubling the time of a candidate."""
+
+    def __init__(self) -> None:
+        self.arrays: dict[str, np.ndarray] = {}
+
+    def get(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        size = int(np.prod(shape))
+        a = self.arrays.get(name)
+        if a is None or a.size < size:
+            a = self.arrays[name] = np.empty(max(size, CHUNK_PAIRS * 32), dtype=np.float32)
+        return a[:size].reshape(shape)
+
+
+def _residual(w: np.ndarray, s: np.ndarray, z: np.ndarray, qmax: float, out: np.ndarray | None = None) -> np.ndarray:
     """``s (q - z) - w`` with the codes ``q`` of ``(s, z)``: ``q - z = clip(rint(w / s), -z, qmax - z)``
     exactly (integers below 2^24), which saves two passes."""
-    t = np.divide(w, s[..., None], dtype=np.float32)
+    t = np.divide(w, s[..., None], dtype=np.float32, out=out)
     np.rint(t, out=t)
     np.maximum(t, -z[..., None], out=t)
     np.minimum(t, qmax - z[..., None], out=t)
@@ -95,10 +110,12 @@ def _residual(w: np.ndarray, s: np.ndarray, z: np.ndarray, qmax: float) -> np.nd
     return t
 
 
-def _error(w: np.ndarray, s: np.ndarray, z: np.ndarray, qmax: float, c: np.ndarray | None) -> np.ndarray:
+def _error(w: np.ndarray, s: np.ndarray, z: np.ndarray, qmax: float, c: np.ndarray | None,
+           work: _Work | None = None) -> np.ndarray:
     """Weighted squared error per pair, ``sum_B c (s (q - z) - w)^2``, ``[P]``."""
-    t = _residual(w, s, z, qmax)
-    return np.einsum("pb,pb->p", t if c is None else t * c, t)
+    work = work or _Work()
+    t = _residual(w, s, z, qmax, work.get("t", w.shape))
+    return np.einsum("pb,pb->p", t if c is None else np.multiply(t, c, out=work.get("tc", w.shape)), t)
 
 
 def _extremes(w: np.ndarray) -> np.ndarray:
@@ -145,10 +162,11 @@ def _salience(w: np.ndarray, salience: float) -> tuple[np.ndarray | None, np.nda
     return w2, factor
 
 
-def fit_pairs(w: np.ndarray, bits: int, options: HqqOptions = HqqOptions()) -> tuple[np.ndarray, np.ndarray,
-                                                                                       np.ndarray]:
+def fit_pairs(w: np.ndarray, bits: int, options: HqqOptions = HqqOptions(),
+              work: _Work | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Scale, integer zero point (as float32) ``[P]`` and the float32 codes ``[P, B]`` they were
-    fitted with, for pairs ``w [P, B]``."""
+    fitted with, for pairs ``w [P, B]``. ``work``: scratch to reuse (one per thread)."""
+    work = work or _Work()
     qmax = float((1 << bits) - 1)
     w = np.ascontiguousarray(w, dtype=np.float32)
     ext = _extremes(w)  # [P, 2]: max, min
@@ -157,7 +175,7 @@ def fit_pairs(w: np.ndarray, bits: int, options: HqqOptions = HqqOptions()) -> t
     # the error weights of each pair's extreme elements, as _salience computes them element-wise
     cext = None if factor is None else np.square(ext) * factor[:, None] + 1.0
     best_s, best_z = minmax_params(lo0, hi0, qmax)  # RTN's own parameters: never worse than RTN
-    best_err = _error(w, best_s, best_z, qmax, weight)
+    best_err = _error(w, best_s, best_z, qmax, weight, work)
 
     def consider(s: np.ndarray, z: np.ndarray, bound: np.ndarray | None) -> float:
         """Keep the better parameters per pair; return the total error removed. ``bound``: lower
@@ -171,11 +189,14 @@ def fit_pairs(w: np.ndarray, bits: int, options: HqqOptions = HqqOptions()) -> t
             if n < len(live) // 2:  # score only where the candidate can win (a gather costs a pass)
                 rows = np.flatnonzero(live)
         if rows is None:
-            err = _error(w, s, z, qmax, weight)
+            err = _error(w, s, z, qmax, weight, work)
             rows = np.flatnonzero(err < best_err)
             err = err[rows]
         else:
-            err = _error(w[rows], s[rows], z[rows], qmax, None if weight is None else weight[rows])
+            shape = (len(rows), w.shape[1])
+            gather = [np.take(a, rows, axis=0, out=work.get(name, shape))
+                      for name, a in (("w", w), ("c", weight)) if a is not None]
+            err = _error(gather[0], s[rows], z[rows], qmax, gather[1] if len(gather) > 1 else None, work)
             better = err < best_err[rows]
             rows, err = rows[better], err[better]
         gain = float((best_err[rows] - err).sum())
@@ -268,7 +289,8 @@ def quantize_hqq(w: np.ndarray, bits: int, block_size: int, options: HqqOptions 
         parts.append((nfull, nb, tail))
     for b0, b1, width in parts:
         pairs = w_nk[:, b0 * B:b0 * B + (b1 - b0) * width].reshape(N * (b1 - b0), width)
-        got = [fit_pairs(pairs[p0:p0 + CHUNK_PAIRS], bits, options) for p0 in range(0, len(pairs), CHUNK_PAIRS)]
+        work = _Work()
+        got = [fit_pairs(pairs[p0:p0 + CHUNK_PAIRS], bits, options, work) for p0 in range(0, len(pairs), CHUNK_PAIRS)]
         scale[:, b0:b1] = np.concatenate([g[0] for g in got]).reshape(N, b1 - b0)
         zero_point[:, b0:b1] = np.concatenate([g[1] for g in got]).reshape(N, b1 - b0)
         q[:, b0 * B:b0 * B + (b1 - b0) * width] = np.concatenate([g[2] for g in got]).reshape(N, (b1 - b0) * width)
