@@ -43,7 +43,7 @@ from dymoe.bundle.precisions import BITS, PRECISIONS
 
 from .blockquant import QuantizedMatrix, dequantize, pack_codes, quantize_rtn
 from .onnx_build import IR_VERSION, OPSET
-from .transpose import transposed
+from .transpose import c_order, transposed
 
 DEFAULT_FORMAT = {"int8": "qdq", "int4": "qdq", "int2": "nbits"}
 FORMATS = ("qdq", "nbits")
@@ -150,13 +150,13 @@ def _qdq_weight(proj: str, qm: QuantizedMatrix, out: str):
     """Initializers + DequantizeLinear node producing float ``[K, N]`` named ``out``."""
     K, N = qm.K, qm.N
     if qm.bits == 8:
-        w = numpy_helper.from_array(qm.q, f"{proj}_w")
+        w = numpy_helper.from_array(c_order(qm.q), f"{proj}_w")
         zp = numpy_helper.from_array(qm.zero_point, f"{proj}_zero_point")
     elif qm.bits == 4:
         # UINT4 raw data: the row-major flattened tensor, two values per byte, element
         # 2i in the low nibble (checked against onnx.numpy_helper.to_array in the tests).
         w = helper.make_tensor(f"{proj}_w", TensorProto.UINT4, [K, N],
-                               pack_codes(qm.q.reshape(-1), 4).tobytes(), raw=True)
+                               pack_codes(c_order(qm.q).reshape(-1), 4).tobytes(), raw=True)
         zp = helper.make_tensor(f"{proj}_zero_point", TensorProto.UINT4, list(qm.zero_point.shape),
                                 pack_codes(qm.zero_point.reshape(-1), 4).tobytes(), raw=True)
     else:

@@ -21,3 +21,11 @@ def transposed(a: np.ndarray) -> np.ndarray:
     for r0 in range(0, rows, _STRIP):
         out[:, r0:r0 + _STRIP] = a[r0:r0 + _STRIP].T
     return out
+
+
+def c_order(a: np.ndarray) -> np.ndarray:
+    """``np.ascontiguousarray(a)``, through :func:`transposed` when ``a`` is a transposed view of a
+    contiguous array (hqq's ``[K, N]`` codes are one)."""
+    if a.ndim == 2 and not a.flags.c_contiguous and a.T.flags.c_contiguous:
+        return transposed(a.T)
+    return np.ascontiguousarray(a)
