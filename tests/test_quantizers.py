@@ -153,6 +153,26 @@ def test_hqq_errors_are_no_worse_than_before(precision, block):
     assert stats.output_rel_error <= output * (1 + 1e-6)
 
 
+def test_a_memo_shared_by_an_experts_variants_changes_nothing():
+    """The export passes one memo through all precisions of an expert (hqq's per-matrix work, the
+    statistics' float reference): every variant is byte for byte what it is without one."""
+    rng = np.random.default_rng(8)
+    H, I = 96, 80
+    weights = (rng.standard_normal((I, H), dtype=np.float32), rng.standard_normal((I, H), dtype=np.float32),
+               rng.standard_normal((H, I), dtype=np.float32))
+    memo: dict = {}
+    for precision in ("fp16", "int8", "int4", "int2", "int4"):
+        built = []
+        for m in (memo, None):
+            quant = quantize_expert(*weights, precision, B, QuantizerOptions("hqq"), memo=m) if precision != "fp16" \
+                else None
+            model, stats = build_expert_model(*weights, precision, B, quantized=quant.mats if quant else None, memo=m,
+                                              fmt="nbits" if precision == "int2" else None)
+            built.append((model.SerializeToString(), stats))
+        assert built[0] == built[1]
+    assert {"gate", "up", "down", "probe reference"} <= set(memo)
+
+
 def test_gptq_without_correlations_is_the_data_free_quantizer():
     """A diagonal X^T X gives no other row to move the error to: GPTQ quantizes each row alone, with
     the block parameters fitted by the data-free optimiser, i.e. exactly hqq."""

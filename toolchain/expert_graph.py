@@ -142,6 +142,19 @@ def effective_weights(gate, up, down, precision: str, block_size: int):
                  for w in (gate, up, down))
 
 
+def _probe_reference(gate, up, down, xp: np.ndarray, memo: dict | None) -> tuple[float, np.ndarray]:
+    """``||W||^2`` of the three projections and the float expert's output on the probe: the same
+    for every variant of an expert, so kept in ``memo`` when there is one."""
+    if memo is not None and "probe reference" in memo:
+        return memo["probe reference"]
+    ws = [np.asarray(w, dtype=np.float32).T for w in (gate, up, down)]  # [K, N] views
+    ref2 = sum(float(np.sum(np.square(w), dtype=np.float64)) for w in ws)
+    y = (silu(xp @ ws[0]) * (xp @ ws[1])) @ ws[2]
+    if memo is not None:
+        memo["probe reference"] = (ref2, y)
+    return ref2, y
+
+
 # ---------------------------------------------------------------------------------------
 # Graph building.
 
@@ -237,7 +250,7 @@ def _projection(proj: str, w_torch: np.ndarray, precision: str, fmt: str | None,
 def build_expert_model(gate: np.ndarray, up: np.ndarray, down: np.ndarray, precision: str,
                        block_size: int, name: str = "expert", *, fmt: str | None = None,
                        accuracy_level: int = 4, quantized: dict[str, QuantizedMatrix] | None = None,
-                       ) -> tuple[onnx.ModelProto, ExpertQuantStats]:
+                       memo: dict | None = None) -> tuple[onnx.ModelProto, ExpertQuantStats]:
     """Build the ONNX model ``x [T, H] -> y [T, H]`` of one expert at ``precision``.
 
     ``fmt`` picks the encoding of int8/int4 (``"qdq"`` default, or ``"nbits"``); int2 is
@@ -245,7 +258,8 @@ def build_expert_model(gate: np.ndarray, up: np.ndarray, down: np.ndarray, preci
     activations compute on CPU, 0 = omit the attribute, i.e. float compute); it only
     matters for the nbits format.  ``block_size`` is ignored for fp32/fp16.  ``quantized`` gives
     the ``[K, N]`` codes of ``"gate"``, ``"up"`` and ``"down"`` made by another quantizer (RTN if
-    omitted); it must match ``precision`` and ``block_size``.
+    omitted); it must match ``precision`` and ``block_size``. ``memo``: a dict kept for this
+    expert's weights across its variants, which then share the float reference of the statistics.
     """
     fmt = _check_precision(precision, fmt)
     H, I = _check_shapes(gate, up, down)
@@ -255,27 +269,24 @@ def build_expert_model(gate: np.ndarray, up: np.ndarray, down: np.ndarray, preci
     # Probe activations for output_rel_error, computed projection by projection so that
     # only one effective weight matrix is alive at a time.
     xp = probe_input(H)
+    ref2, y = _probe_reference(gate, up, down, xp, memo)
     inits, proj_nodes, acts = [], {}, {}
-    err2 = ref2 = 0.0
+    err2 = 0.0
     for proj, w, a, out in (("gate", gate, "x", "gate"), ("up", up, "x", "up"),
                             ("down", down, "h", "y")):
         i, n, w_eff = _projection(proj, w, precision, fmt, block_size, a, out, accuracy_level,
                                   (quantized or {}).get(proj))
         inits += i
         proj_nodes[proj] = n
-        w_kn = np.asarray(w, dtype=np.float32).T
         if precision != "fp32":
-            diff = np.subtract(w_kn, w_eff)
+            diff = np.subtract(np.asarray(w, dtype=np.float32).T, w_eff)
             np.square(diff, out=diff)
             err2 += float(diff.sum(dtype=np.float64))
             del diff
-        ref2 += float(np.sum(np.square(w_kn), dtype=np.float64))
-        src, src_eff = (xp, xp) if proj != "down" else (acts["h"], acts["h_eff"])
-        acts[proj], acts[proj + "_eff"] = src @ w_kn, src_eff @ w_eff
+        acts[proj] = (xp if proj != "down" else acts["h"]) @ w_eff
         del w_eff
         if proj == "up":
             acts["h"] = silu(acts["gate"]) * acts["up"]
-            acts["h_eff"] = silu(acts["gate_eff"]) * acts["up_eff"]
 
     # silu(g) = g * sigmoid(g) as Sigmoid + Mul: ORT CPU fuses the pair into one
     # QuickGelu(alpha=1) kernel; TensorRT fuses the pointwise chain.
@@ -303,7 +314,7 @@ def build_expert_model(gate: np.ndarray, up: np.ndarray, down: np.ndarray, preci
     if precision == "fp32":
         stats = ExpertQuantStats(weight_rel_error=0.0, output_rel_error=0.0)
     else:
-        y, y_eff = acts["down"], acts["down_eff"]
+        y_eff = acts["down"]
         stats = ExpertQuantStats(
             weight_rel_error=float(np.sqrt(err2 / ref2)) if ref2 > 0 else 0.0,
             output_rel_error=float(np.linalg.norm(y - y_eff) / max(np.linalg.norm(y), 1e-30)),

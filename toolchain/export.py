@@ -127,11 +127,11 @@ def _expert_task(folder: str, out: str, refs: tuple[Ref, Ref, Ref], layer: int, 
                  formats: dict[str, str]) -> dict[str, dict]:
     ckpt = _checkpoint(folder)
     gate, up, down = (_read(ckpt, r) for r in refs)
-    done = {}
+    done, memo = {}, {}  # memo: what every precision derives from the same weights, derived once
     for prec in precisions:
         rel = expert_path(layer, expert, prec)
         done[rel] = write_expert(Path(out), rel, gate, up, down, prec, block_size, quantizer,
-                                 name=f"l{layer}_e{expert}_{prec}", fmt=formats[prec])
+                                 name=f"l{layer}_e{expert}_{prec}", fmt=formats[prec], memo=memo)
     return done
 
 

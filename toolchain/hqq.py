@@ -162,16 +162,33 @@ def _salience(w: np.ndarray, salience: float) -> tuple[np.ndarray | None, np.nda
     return w2, factor
 
 
-def fit_pairs(w: np.ndarray, bits: int, options: HqqOptions = HqqOptions(),
+@dataclass
+class _Pairs:
+    """What the search needs of a set of pairs whatever the bit width (shared by an expert's
+    precisions through ``quantize_hqq``'s ``memo``)."""
+
+    w: np.ndarray  # [P, B] float32, contiguous
+    ext: np.ndarray  # [P, 2]: each pair's largest and smallest weight
+    weight: np.ndarray | None  # [P, B] error weights (None: all ones)
+    factor: np.ndarray | None  # [P] salience / mean(w^2)
+    energy: np.ndarray  # [P] float64 <w, w>, for the unbiasing
+
+    @classmethod
+    def of(cls, w: np.ndarray, salience: float) -> _Pairs:
+        w = np.ascontiguousarray(w, dtype=np.float32)
+        weight, factor = _salience(w, salience)
+        return cls(w, _extremes(w), weight, factor, np.einsum("pb,pb->p", w, w, dtype=np.float64))
+
+
+def fit_pairs(w: np.ndarray | _Pairs, bits: int, options: HqqOptions = HqqOptions(),
               work: _Work | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Scale, integer zero point (as float32) ``[P]`` and the float32 codes ``[P, B]`` they were
     fitted with, for pairs ``w [P, B]``. ``work``: scratch to reuse (one per thread)."""
     work = work or _Work()
     qmax = float((1 << bits) - 1)
-    w = np.ascontiguousarray(w, dtype=np.float32)
-    ext = _extremes(w)  # [P, 2]: max, min
+    pairs = w if isinstance(w, _Pairs) else _Pairs.of(w, options.salience)
+    w, ext, weight, factor = pairs.w, pairs.ext, pairs.weight, pairs.factor
     hi0, lo0 = np.maximum(ext[:, 0], 0.0), np.minimum(ext[:, 1], 0.0)
-    weight, factor = _salience(w, options.salience)
     # the error weights of each pair's extreme elements, as _salience computes them element-wise
     cext = None if factor is None else np.square(ext) * factor[:, None] + 1.0
     best_s, best_z = minmax_params(lo0, hi0, qmax)  # RTN's own parameters: never worse than RTN
@@ -216,7 +233,7 @@ def fit_pairs(w: np.ndarray, bits: int, options: HqqOptions = HqqOptions(),
     q = codes(w, best_s, best_z, qmax)
     if options.unbiased:
         what = (q - best_z[:, None]) * best_s[:, None]
-        energy = np.einsum("pb,pb->p", w, w, dtype=np.float64)
+        energy = pairs.energy
         overlap = np.einsum("pb,pb->p", what, w, dtype=np.float64)
         with np.errstate(divide="ignore", invalid="ignore"):
             scale = np.where((overlap > 0) & (energy > 0), energy / overlap, 1.0)
@@ -266,12 +283,14 @@ def fit_params(wb: np.ndarray, bits: int, options: HqqOptions = HqqOptions()) ->
     return s.reshape(nblk, N), z.reshape(nblk, N)
 
 
-def quantize_hqq(w: np.ndarray, bits: int, block_size: int, options: HqqOptions = HqqOptions()) -> QuantizedMatrix:
+def quantize_hqq(w: np.ndarray, bits: int, block_size: int, options: HqqOptions = HqqOptions(),
+                 memo: dict | None = None) -> QuantizedMatrix:
     """Quantize ``w [K, N]`` along K in blocks of ``block_size`` with optimised parameters.
 
     ``w`` is best the transposed view of a torch weight ``[N, K]`` (what ``quantize_expert``
     passes): then no copy of it is made. The codes come back as the ``[K, N]`` view of an
-    ``[N, K]`` array, the layout MatMulNBits stores."""
+    ``[N, K]`` array, the layout MatMulNBits stores. ``memo``: a dict kept for this matrix across
+    calls at other bit widths, which then share the work that does not depend on them."""
     if bits not in SUPPORTED_BITS:
         raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
     if w.ndim != 2:
@@ -280,19 +299,38 @@ def quantize_hqq(w: np.ndarray, bits: int, block_size: int, options: HqqOptions 
     B = block_size
     nfull, tail = divmod(K, B)
     nb = nfull + (tail > 0)
-    w_nk = np.ascontiguousarray(np.asarray(w).T, dtype=np.float32)  # no copy for a transposed torch weight
+    key = ("hqq pairs", block_size, options.salience)
+    parts = None if memo is None else memo.get(key)
+    if parts is None:
+        parts = _prepare(w, block_size, options.salience)
+        if memo is not None:
+            memo[key] = parts
     q = np.empty((N, K), dtype=np.uint8)
     scale = np.empty((N, nb), dtype=np.float32)
     zero_point = np.empty((N, nb), dtype=np.uint8)
-    parts = [(0, nfull, B)] if nfull else []
-    if tail:
-        parts.append((nfull, nb, tail))
-    for b0, b1, width in parts:
-        pairs = w_nk[:, b0 * B:b0 * B + (b1 - b0) * width].reshape(N * (b1 - b0), width)
-        work = _Work()
-        got = [fit_pairs(pairs[p0:p0 + CHUNK_PAIRS], bits, options, work) for p0 in range(0, len(pairs), CHUNK_PAIRS)]
+    work = _Work()
+    for b0, b1, width, chunks in parts:
+        got = [fit_pairs(c, bits, options, work) for c in chunks]
         scale[:, b0:b1] = np.concatenate([g[0] for g in got]).reshape(N, b1 - b0)
         zero_point[:, b0:b1] = np.concatenate([g[1] for g in got]).reshape(N, b1 - b0)
         q[:, b0 * B:b0 * B + (b1 - b0) * width] = np.concatenate([g[2] for g in got]).reshape(N, (b1 - b0) * width)
     return QuantizedMatrix(q=q.T, scale=np.ascontiguousarray(scale.T), zero_point=np.ascontiguousarray(zero_point.T),
                            bits=bits, block_size=B, K=K, N=N)
+
+
+def _prepare(w: np.ndarray, block_size: int, salience: float) -> list[tuple[int, int, int, list[_Pairs]]]:
+    """``w [K, N]`` as pairs: ``(first block, end block, block width, chunks)`` for the whole
+    blocks and, when K is not a multiple of the block, the short last one."""
+    K, N = w.shape
+    B = block_size
+    nfull, tail = divmod(K, B)
+    w_nk = np.ascontiguousarray(np.asarray(w).T, dtype=np.float32)  # no copy for a transposed torch weight
+    spans = [(0, nfull, B)] if nfull else []
+    if tail:
+        spans.append((nfull, nfull + 1, tail))
+    out = []
+    for b0, b1, width in spans:
+        pairs = w_nk[:, b0 * B:b0 * B + (b1 - b0) * width].reshape(N * (b1 - b0), width)
+        out.append((b0, b1, width, [_Pairs.of(pairs[p0:p0 + CHUNK_PAIRS], salience)
+                                    for p0 in range(0, len(pairs), CHUNK_PAIRS)]))
+    return out

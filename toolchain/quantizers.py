@@ -83,11 +83,12 @@ class RoutedInputs:
 
 
 def _one(w_kn: np.ndarray, bits: int, block_size: int, how: str, options: QuantizerOptions,
-         hessian: np.ndarray | None = None, factor: np.ndarray | None = None) -> QuantizedMatrix:
+         hessian: np.ndarray | None = None, factor: np.ndarray | None = None, memo: dict | None = None
+         ) -> QuantizedMatrix:
     if how == "rtn":
         return quantize_rtn(w_kn, bits, block_size)
     if how == "hqq":
-        return quantize_hqq(w_kn, bits, block_size, options.hqq)
+        return quantize_hqq(w_kn, bits, block_size, options.hqq, memo)
     return quantize_gptq(w_kn, bits, block_size, hessian, options.gptq, factor)
 
 
@@ -99,12 +100,14 @@ def gram(x: np.ndarray) -> np.ndarray:
 
 
 def quantize_expert(gate: np.ndarray, up: np.ndarray, down: np.ndarray, precision: str, block_size: int,
-                    options: QuantizerOptions, inputs: np.ndarray | RoutedInputs | None = None) -> ExpertQuant:
+                    options: QuantizerOptions, inputs: np.ndarray | RoutedInputs | None = None,
+                    memo: dict | None = None) -> ExpertQuant:
     """Quantize one expert (torch-layout weights) to ``precision`` (int8 / int4 / int2).
 
     ``inputs`` are the expert's routed hidden states ``[T, H]`` (required for gptq to run; without
     them or with too few rows gptq falls back to hqq); pass the same :class:`RoutedInputs` for all
-    precisions of an expert to share its factorisation.
+    precisions of an expert to share its factorisation. Likewise ``memo``, a dict kept for the
+    expert's weights across its precisions, shares what hqq derives from them.
     """
     bits = BITS[precision]
     if inputs is not None and not isinstance(inputs, RoutedInputs):
@@ -124,7 +127,8 @@ def quantize_expert(gate: np.ndarray, up: np.ndarray, down: np.ndarray, precisio
         act = silu(x @ dequantize(mats["gate"])) * (x @ dequantize(mats["up"]))  # [T, I] as served
         mats["down"] = _one(d_kn, bits, block_size, how, options, gram(act))
     else:
-        mats = {p: _one(w, bits, block_size, how, options) for p, w in (("gate", g_kn), ("up", u_kn), ("down", d_kn))}
+        mats = {p: _one(w, bits, block_size, how, options, memo=None if memo is None else memo.setdefault(p, {}))
+                for p, w in (("gate", g_kn), ("up", u_kn), ("down", d_kn))}
     err = None
     if tokens:
         err = routed_output_error(inputs.x, gate, up, down, mats)
