@@ -118,18 +118,6 @@ def test_transposed_view_and_chunking(monkeypatch):
     np.testing.assert_array_equal(odd.scale, odd_ref.scale)
 
 
-@pytest.mark.parametrize("K", [160, 150, 20])  # whole blocks, a short last block, only a short block
-def test_dequantize_codes_stored_transposed(K):
-    """Codes kept ``[N, K]`` (hqq's layout, ``q`` their transposed view) dequantize, in their own
-    memory order, to exactly what the ``[K, N]`` path gives."""
-    rng = np.random.default_rng(6)
-    ref = quantize_rtn(rng.standard_normal((K, 24)).astype(np.float32), 4, 32)
-    stored_nk = QuantizedMatrix(q=np.ascontiguousarray(ref.q.T).T, scale=ref.scale, zero_point=ref.zero_point,
-                                bits=4, block_size=32, K=K, N=24)
-    assert not stored_nk.q.flags.c_contiguous
-    np.testing.assert_array_equal(dequantize(stored_nk), dequantize(ref))
-
-
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.uint8])
 @pytest.mark.parametrize("shape", [(768, 2048), (37, 5), (1, 9), (16, 16), (0, 4)])
 def test_transposed_copy(dtype, shape):

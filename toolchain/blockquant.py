@@ -145,8 +145,6 @@ def dequantize(qm: QuantizedMatrix) -> np.ndarray:
     ``DequantizeLinear``.
     """
     K, N, B = qm.K, qm.N, qm.block_size
-    if qm.q.T.flags.c_contiguous and not qm.q.flags.c_contiguous:
-        return _dequantize_nk(qm).T
     out = np.empty((K, N), dtype=np.float32)
     for r0, r1, b0, b1 in block_slabs(K, B, N):
         nblk = b1 - b0
@@ -154,26 +152,6 @@ def dequantize(qm: QuantizedMatrix) -> np.ndarray:
         np.subtract(qm.q[r0:r1].reshape(ob.shape), qm.zero_point[b0:b1, None, :],
                     out=ob, dtype=np.float32)
         ob *= qm.scale[b0:b1, None, :]
-    return out
-
-
-def _dequantize_nk(qm: QuantizedMatrix) -> np.ndarray:
-    """:func:`dequantize` for codes stored ``[N, K]`` (``qm.q`` their transposed view, as hqq
-    returns them): the same element-wise arithmetic, in the codes' own memory order, ``[N, K]``."""
-    K, N, B = qm.K, qm.N, qm.block_size
-    q = qm.q.T
-    out = np.empty((N, K), dtype=np.float32)
-    nfull = K // B
-    for b0, b1, width in ((0, nfull, B), (nfull, qm.n_blocks, K - nfull * B)):
-        if b1 > b0 and width:
-            cols = slice(b0 * B, b0 * B + (b1 - b0) * width)
-            whole = cols.stop - cols.start == K  # then a view of out takes the result directly
-            blocks = out.reshape(N, b1 - b0, width) if whole else np.empty((N, b1 - b0, width), np.float32)
-            np.subtract(q[:, cols].reshape(N, b1 - b0, width), qm.zero_point[b0:b1].T[:, :, None], out=blocks,
-                        dtype=np.float32)
-            blocks *= qm.scale[b0:b1].T[:, :, None]
-            if not whole:
-                out[:, cols] = blocks.reshape(N, -1)
     return out
 
 

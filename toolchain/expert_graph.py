@@ -193,10 +193,9 @@ def _nbits_matmul(proj: str, qm: QuantizedMatrix, a: str, out: str, accuracy_lev
     """
     K, N, B, bits = qm.K, qm.N, qm.block_size, qm.bits
     nb = qm.n_blocks
-    codes_nk = np.empty((N, nb * B), dtype=np.uint8)  # transposed, K padded to nb*B
-    codes_nk[:, :K] = qm.q.T
-    if nb * B > K:
-        codes_nk[:, K:] = qm.zero_point[-1][:, None]
+    codes_nk = transposed(qm.q)  # [N, K]
+    if nb * B > K:  # K padded to nb*B
+        codes_nk = np.concatenate([codes_nk, np.repeat(qm.zero_point[-1][:, None], nb * B - K, axis=1)], axis=1)
     packed_b = pack_codes(codes_nk.reshape(N, nb, B), bits)
     del codes_nk
     w = numpy_helper.from_array(packed_b, f"{proj}_w")
@@ -211,28 +210,35 @@ def _nbits_matmul(proj: str, qm: QuantizedMatrix, a: str, out: str, accuracy_lev
     return [w, scale, zp], node
 
 
-def _projection(proj: str, w_torch: np.ndarray, precision: str, fmt: str | None,
+def weight_kn(w_torch: np.ndarray, memo: dict | None = None) -> np.ndarray:
+    """A torch weight ``[N, K]`` as the contiguous float32 ``[K, N]`` MatMul weight, copied in
+    cache-sized strips; kept in ``memo`` (one dict per matrix) for the expert's other variants."""
+    if memo is not None and "kn" in memo:
+        return memo["kn"]
+    w_kn = c_order(np.asarray(w_torch, dtype=np.float32).T)
+    if memo is not None:
+        memo["kn"] = w_kn
+    return w_kn
+
+
+def _projection(proj: str, w_kn: np.ndarray, precision: str, fmt: str | None,
                 block_size: int, a: str, out: str, accuracy_level: int, qm: QuantizedMatrix | None = None):
-    """Encode one projection ``out = a @ w_torch.T``.
+    """Encode one projection ``out = a @ w_kn`` (``w_kn`` float32 ``[K, N]``, contiguous).
 
     Returns ``(initializers, nodes, W_eff [K, N] float32)``; ``W_eff`` is what the graph
     multiplies by (used for the error statistics, then dropped by the caller).
     """
-    w_kn = np.asarray(w_torch).T  # [K, N] view, no copy
     mm = f"{proj}_matmul"
     if precision == "fp32":
-        w_kn = np.ascontiguousarray(w_kn, dtype=np.float32)
         init = numpy_helper.from_array(w_kn, f"{proj}_w")
         return [init], [helper.make_node("MatMul", [a, init.name], [out], name=mm)], w_kn
     if precision == "fp16":
-        # rounded in the torch layout's own memory order, then transposed on 2-byte values
-        w16 = np.asarray(w_torch).astype(np.float16)
-        init = numpy_helper.from_array(transposed(w16), f"{proj}_w")
-        w16 = w16.T
+        w16 = w_kn.astype(np.float16)
+        init = numpy_helper.from_array(w16, f"{proj}_w")
         cast = helper.make_node("Cast", [init.name], [f"{proj}_w_f32"], name=f"{proj}_cast",
                                 to=TensorProto.FLOAT)
         node = helper.make_node("MatMul", [a, f"{proj}_w_f32"], [out], name=mm)
-        return [init], [cast, node], w16.astype(np.float32)  # same memory order as w_kn: fast to compare
+        return [init], [cast, node], w16.astype(np.float32)
     if qm is None:
         qm = quantize_rtn(w_kn, BITS[precision], block_size)
     elif (qm.K, qm.N, qm.bits, qm.block_size) != (*w_kn.shape, BITS[precision], block_size):
@@ -274,12 +280,13 @@ def build_expert_model(gate: np.ndarray, up: np.ndarray, down: np.ndarray, preci
     err2 = 0.0
     for proj, w, a, out in (("gate", gate, "x", "gate"), ("up", up, "x", "up"),
                             ("down", down, "h", "y")):
-        i, n, w_eff = _projection(proj, w, precision, fmt, block_size, a, out, accuracy_level,
+        w_kn = weight_kn(w, None if memo is None else memo.setdefault(proj, {}))
+        i, n, w_eff = _projection(proj, w_kn, precision, fmt, block_size, a, out, accuracy_level,
                                   (quantized or {}).get(proj))
         inits += i
         proj_nodes[proj] = n
         if precision != "fp32":
-            diff = np.subtract(np.asarray(w, dtype=np.float32).T, w_eff)
+            diff = np.subtract(w_kn, w_eff)
             np.square(diff, out=diff)
             err2 += float(diff.sum(dtype=np.float64))
             del diff

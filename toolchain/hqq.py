@@ -3,10 +3,9 @@
 Same output as :func:`dymoe.toolchain.blockquant.quantize_rtn` - uint8 codes, float32 scale, integer
 zero point per (block, column) - so the ONNX encodings (QDQ, MatMulNBits) do not change. Only the
 choice of ``scale`` and ``zero_point`` differs. Dimension letters as in ``quantize.py``: ``K`` in,
-``N`` out, ``B`` block along K, ``nb`` blocks. The search works on *pairs*: one row ``[P, B]`` per
-(block, column), which is how a torch ``Linear`` weight ``[N, K]`` already lies in memory (each
-block of a column is B consecutive floats), so it needs no transposed copy, every reduction runs
-along contiguous memory, and a subset of pairs is a cheap row gather.
+``N`` out, ``B`` block along K, ``nb`` blocks; a slab of blocks is ``[nblk, B, N]``, every
+reduction runs over B with N contiguous (vectorised across columns, and summing each block's B
+terms in order, the same arithmetic whatever the slab size), and slabs are sized to stay in cache.
 
 Round-to-nearest takes the block's min/max as the range, so one large weight stretches the step
 for all 32 and most of them round to the same few codes. This quantizer instead minimises the
@@ -24,12 +23,12 @@ block's *salience-weighted* squared error ``sum c (w - s (q - z))^2`` with
 3. Every candidate is scored by that error and the best is kept per (block, column), with RTN's
    own parameters among the candidates, so the range search never picks worse than RTN block by
    block (under that error; step 4 then trades a little of it for no bias). A candidate is only
-   scored on the pairs where it can win: the error of a pair is a sum of non-negative terms, so
-   the terms of its largest and smallest weights alone bound it from below (in floating point as
-   well: adding a non-negative number never lowers a rounded sum). Where that bound already
-   reaches the best error so far, the candidate cannot be strictly better and is skipped: the
-   picks are those of the full search. At 8 bits shrinking the range nearly never pays, and the
-   bound skips nearly everything; at 2 bits most candidates are scored.
+   scored on the (block, column)s where it can win: the error is a sum of non-negative terms, so
+   the terms of the block's largest and smallest weights alone bound it from below (in floating
+   point as well, less a rounding slack: adding a non-negative number never lowers a rounded
+   sum). Where that bound already reaches the best error so far, the candidate cannot be strictly
+   better and is skipped: the picks are those of the full search. At 8 bits shrinking the range
+   nearly never pays, and the bound skips nearly everything; at 2 bits most candidates are scored.
 4. Unbiasing: with its codes fixed, each (block, column)'s scale is multiplied by
    ``<w, w> / <w_q, w>`` so that ``<w_q, w> = <w, w>``. A least-squares fit shrinks:
    ``||w_q|| < ||w||``, and every expert's output comes out a little too small; through the
@@ -51,11 +50,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .blockquant import SUPPORTED_BITS, QuantizedMatrix, minmax_params
+from .blockquant import SUPPORTED_BITS, QuantizedMatrix, block_slabs, minmax_params, round_codes
+from .transpose import c_order
 
-# Pairs searched at once: each float32 temporary of the search is then 4096 x 32 x 4 = 512 KiB, so
-# the handful alive at a time stay in a core's L2 cache across the ~10 passes of each candidate.
-CHUNK_PAIRS = 4096
+# Elements of a slab searched at once: each float32 temporary is then 512 KiB, so the handful
+# alive at a time stay in a core's L2 cache across the ~10 passes of each candidate.
+SLAB_ELEMS = 1 << 17
 
 
 @dataclass(frozen=True)
@@ -73,19 +73,9 @@ class HqqOptions:
     prune: bool = True  # skip candidates that provably cannot win (same picks; False only to test that)
 
 
-def codes(w: np.ndarray, s: np.ndarray, z: np.ndarray, qmax: float) -> np.ndarray:
-    """Float32 codes ``clip(rint(w / s) + z, 0, qmax)`` of pairs ``w [P, B]`` (``s, z [P]``): what
-    :func:`blockquant.round_codes` computes, element for element."""
-    t = np.divide(w, s[:, None], dtype=np.float32)
-    np.rint(t, out=t)
-    t += z[:, None]
-    np.clip(t, 0.0, qmax, out=t)
-    return t
-
-
 class _Work:
-    """Scratch arrays the search reuses for every candidate and chunk: a fresh 512 KiB temporary
-    per numpy call costs its page faults each time, nearly doubling the time of a candidate."""
+    """Scratch arrays reused for every candidate and slab: a fresh 512 KiB temporary per numpy
+    call costs its page faults each time."""
 
     def __init__(self) -> None:
         self.arrays: dict[str, np.ndarray] = {}
@@ -94,183 +84,178 @@ class _Work:
         size = int(np.prod(shape))
         a = self.arrays.get(name)
         if a is None or a.size < size:
-            a = self.arrays[name] = np.empty(max(size, CHUNK_PAIRS * 32), dtype=np.float32)
+            a = self.arrays[name] = np.empty(max(size, SLAB_ELEMS), dtype=np.float32)
         return a[:size].reshape(shape)
 
 
-def _residual(w: np.ndarray, s: np.ndarray, z: np.ndarray, qmax: float, out: np.ndarray | None = None) -> np.ndarray:
-    """``s (q - z) - w`` with the codes ``q`` of ``(s, z)``: ``q - z = clip(rint(w / s), -z, qmax - z)``
-    exactly (integers below 2^24), which saves two passes."""
-    t = np.divide(w, s[..., None], dtype=np.float32, out=out)
-    np.rint(t, out=t)
-    np.maximum(t, -z[..., None], out=t)
-    np.minimum(t, qmax - z[..., None], out=t)
-    t *= s[..., None]
-    t -= w
-    return t
+def _terms(w: np.ndarray, s: np.ndarray, z: np.ndarray, qmax: float, c: np.ndarray | None,
+           out: np.ndarray | None = None) -> np.ndarray:
+    """Each element's weighted squared error ``c (s (q - z) - w)^2`` (``s, z`` broadcast against
+    ``w``). ``q - z = clip(rint(w / s), -z, qmax - z)`` exactly (integers below 2^24), as
+    ``round_codes(...) - z``, two passes fewer."""
+    d = np.divide(w, s, dtype=np.float32, out=out)
+    np.rint(d, out=d)
+    np.maximum(d, -z, out=d)
+    np.minimum(d, qmax - z, out=d)
+    d *= s
+    d -= w
+    np.square(d, out=d)
+    if c is not None:
+        d *= c
+    return d
 
 
-def _error(w: np.ndarray, s: np.ndarray, z: np.ndarray, qmax: float, c: np.ndarray | None,
-           work: _Work | None = None) -> np.ndarray:
-    """Weighted squared error per pair, ``sum_B c (s (q - z) - w)^2``, ``[P]``."""
-    work = work or _Work()
-    t = _residual(w, s, z, qmax, work.get("t", w.shape))
-    return np.einsum("pb,pb->p", t if c is None else np.multiply(t, c, out=work.get("tc", w.shape)), t)
+def _sq_error(wb: np.ndarray, s: np.ndarray, z: np.ndarray, qmax: float, c: np.ndarray | None,
+              out: np.ndarray | None = None, axis: int = 1) -> np.ndarray:
+    """Weighted squared error per (block, column): ``[nblk, N]`` for a slab ``wb [nblk, B, N]`` and
+    ``s, z [nblk, N]``, or ``[P]`` for gathered blocks ``[B, P]`` (``axis=0``); each block's terms
+    are summed in order."""
+    d = _terms(wb, np.expand_dims(s, axis), np.expand_dims(z, axis), qmax, c, out)
+    return d.sum(axis=axis)  # float32 over one block of B elements: ample precision for comparisons
 
 
-def _extremes(w: np.ndarray) -> np.ndarray:
-    """``[P, 2]``: each pair's largest and smallest weight, by halving the rows (numpy's own min and
-    max along a short contiguous axis cost ten times more; the result is the same)."""
-    hi = lo = w
-    while hi.shape[1] > 1:
-        h = hi.shape[1] // 2
-        odd = hi.shape[1] % 2
-        hi = np.maximum(hi[:, :h], hi[:, h:2 * h]) if not odd else np.maximum(hi[:, :h + 1], hi[:, h:])
-        lo = np.minimum(lo[:, :h], lo[:, h:2 * h]) if not odd else np.minimum(lo[:, :h + 1], lo[:, h:])
-    return np.concatenate([hi, lo], axis=1)
-
-
-# Rounding slack of a float32 sum of at most a few hundred non-negative terms, relative (each
-# addition and product rounds by at most 2^-24 of its value) and absolute (below the normal range).
-_SLACK, _TINY = np.float32(1 - 2.0**-14), np.float32(2.0**-120)
-
-
-def _bounds(ext: np.ndarray, cext: np.ndarray | None, s: np.ndarray, z: np.ndarray, qmax: float) -> np.ndarray:
-    """Lower bounds ``[G, P]`` of the pairs' errors under candidates ``s, z [G, P]``: the error
-    terms of each pair's largest and smallest weight ``ext [P, 2]``, computed as :func:`_error`
-    computes every term, added (less the slack that rounding in the full sum could take off) when
-    they are two elements, else the one."""
-    t = _residual(ext, s, z, qmax)  # [G, P, 2]
-    terms = (t if cext is None else t * cext) * t
-    both = terms[..., 0] + terms[..., 1]
-    both *= _SLACK
-    both -= _TINY
-    return np.where(ext[:, 0] > ext[:, 1], both, np.maximum(terms[..., 0], terms[..., 1]))
-
-
-def _salience(w: np.ndarray, salience: float) -> tuple[np.ndarray | None, np.ndarray | None]:
+def _salience(wb: np.ndarray, salience: float) -> tuple[np.ndarray | None, np.ndarray | None]:
     """Per-element error weights ``1 + salience * w^2 / mean_block(w^2)`` (None: all ones), and the
-    per-pair factor ``salience / mean`` that gives any one element's weight the same way."""
+    factor ``salience / mean`` ``[nblk, 1, N]`` that gives any one element's weight the same way."""
     if salience == 0:
         return None, None
-    w2 = np.square(w)
-    mean = np.einsum("pb->p", w2) / np.float32(w.shape[1])
+    w2 = np.square(wb)
+    mean = w2.mean(axis=1, keepdims=True)
     mean[mean == 0] = 1.0
     factor = np.float32(salience) / mean
-    w2 *= factor[:, None]
+    w2 *= factor
     w2 += 1.0
     return w2, factor
 
 
-@dataclass
-class _Pairs:
-    """What the search needs of a set of pairs whatever the bit width (shared by an expert's
-    precisions through ``quantize_hqq``'s ``memo``)."""
+# What rounding can take off a float32 sum of B non-negative terms: at most (B - 1) 2^-24 of it,
+# plus a few roundings of the bound itself; and an absolute margin for values below the normal range.
+_ULP, _TINY = 2.0**-24, np.float32(2.0**-120)
 
-    w: np.ndarray  # [P, B] float32, contiguous
-    ext: np.ndarray  # [P, 2]: each pair's largest and smallest weight
-    weight: np.ndarray | None  # [P, B] error weights (None: all ones)
-    factor: np.ndarray | None  # [P] salience / mean(w^2)
-    energy: np.ndarray  # [P] float64 <w, w>, for the unbiasing
+
+@dataclass
+class _Slab:
+    """What the search needs of a slab whatever the bit width (shared by an expert's precisions
+    through ``quantize_hqq``'s ``memo``)."""
+
+    rows: tuple[int, int, int, int]  # (row start, row stop, block start, block stop), as block_slabs
+    wb: np.ndarray  # [nblk, B, N] float32, a view of the contiguous [K, N] weight
+    hi: np.ndarray  # [nblk, N] each block's largest weight
+    lo: np.ndarray  # and smallest
+    weight: np.ndarray | None  # [nblk, B, N] error weights (None: all ones)
+    chi: np.ndarray | None  # [nblk, N] the error weights of hi and lo
+    clo: np.ndarray | None
+    energy: np.ndarray  # [nblk, N] float64 <w, w>, for the unbiasing
 
     @classmethod
-    def of(cls, w: np.ndarray, salience: float) -> _Pairs:
-        w = np.ascontiguousarray(w, dtype=np.float32)
-        weight, factor = _salience(w, salience)
-        return cls(w, _extremes(w), weight, factor, np.einsum("pb,pb->p", w, w, dtype=np.float64))
+    def of(cls, wb: np.ndarray, rows: tuple[int, int, int, int], salience: float) -> _Slab:
+        weight, factor = _salience(wb, salience)
+        hi, lo = wb.max(axis=1), wb.min(axis=1)
+        # as _salience computes each element's weight: w^2 * factor + 1
+        chi, clo = (None, None) if factor is None else (np.square(hi) * factor[:, 0] + 1.0,
+                                                        np.square(lo) * factor[:, 0] + 1.0)
+        return cls(rows, wb, hi, lo, weight, chi, clo, np.einsum("bkn,bkn->bn", wb, wb, dtype=np.float64))
 
 
-def fit_pairs(w: np.ndarray | _Pairs, bits: int, options: HqqOptions = HqqOptions(),
-              work: _Work | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Scale, integer zero point (as float32) ``[P]`` and the float32 codes ``[P, B]`` they were
-    fitted with, for pairs ``w [P, B]``. ``work``: scratch to reuse (one per thread)."""
+def _bounds(slab: _Slab, s: np.ndarray, z: np.ndarray, qmax: float) -> np.ndarray:
+    """Lower bounds of the blocks' errors under candidates ``s, z [G, nblk, N]``: the terms of each
+    block's largest and smallest weight (computed as every term is), added (less the slack
+    rounding could take off the whole sum) when they are two elements, else the one."""
+    t_hi, t_lo = _terms(slab.hi, s, z, qmax, slab.chi), _terms(slab.lo, s, z, qmax, slab.clo)
+    both = t_hi + t_lo
+    both *= np.float32(1 - (slab.wb.shape[1] + 4) * _ULP)
+    both -= _TINY
+    return np.where(slab.hi > slab.lo, both, np.maximum(t_hi, t_lo))
+
+
+def fit(wb: np.ndarray | _Slab, bits: int, options: HqqOptions = HqqOptions(),
+        work: _Work | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Scale, integer zero point (as float32) ``[nblk, N]`` and the float32 codes ``[nblk, B, N]``
+    they were fitted with, for blocks ``wb [nblk, B, N]``. ``work``: scratch to reuse."""
     work = work or _Work()
     qmax = float((1 << bits) - 1)
-    pairs = w if isinstance(w, _Pairs) else _Pairs.of(w, options.salience)
-    w, ext, weight, factor = pairs.w, pairs.ext, pairs.weight, pairs.factor
-    hi0, lo0 = np.maximum(ext[:, 0], 0.0), np.minimum(ext[:, 1], 0.0)
-    # the error weights of each pair's extreme elements, as _salience computes them element-wise
-    cext = None if factor is None else np.square(ext) * factor[:, None] + 1.0
+    slab = wb if isinstance(wb, _Slab) else _Slab.of(np.asarray(wb, dtype=np.float32), (0, 0, 0, 0), options.salience)
+    wb, weight = slab.wb, slab.weight
+    lo0, hi0 = np.minimum(slab.lo, 0.0), np.maximum(slab.hi, 0.0)
     best_s, best_z = minmax_params(lo0, hi0, qmax)  # RTN's own parameters: never worse than RTN
-    best_err = _error(w, best_s, best_z, qmax, weight, work)
+    best_err = _sq_error(wb, best_s, best_z, qmax, weight, work.get("d", wb.shape))
 
     def consider(s: np.ndarray, z: np.ndarray, bound: np.ndarray | None) -> float:
-        """Keep the better parameters per pair; return the total error removed. ``bound``: lower
-        bounds of the candidate's errors (None: score it everywhere)."""
-        rows = None  # every pair
+        """Keep the better parameters per (block, column); return the total error removed.
+        ``bound``: lower bounds of the candidate's errors (None: score it everywhere)."""
         if bound is not None:
             live = bound < best_err
             n = int(np.count_nonzero(live))
             if n == 0:
                 return 0.0
-            if n < len(live) // 2:  # score only where the candidate can win (a gather costs a pass)
-                rows = np.flatnonzero(live)
-        if rows is None:
-            err = _error(w, s, z, qmax, weight, work)
-            rows = np.flatnonzero(err < best_err)
-            err = err[rows]
-        else:
-            shape = (len(rows), w.shape[1])
-            gather = [np.take(a, rows, axis=0, out=work.get(name, shape))
-                      for name, a in (("w", w), ("c", weight)) if a is not None]
-            err = _error(gather[0], s[rows], z[rows], qmax, gather[1] if len(gather) > 1 else None, work)
-            better = err < best_err[rows]
-            rows, err = rows[better], err[better]
-        gain = float((best_err[rows] - err).sum())
-        best_err[rows] = err
-        best_s[rows] = s[rows]
-        best_z[rows] = z[rows]
+            if n < live.size // 2:  # score only where the candidate can win (a gather costs a pass)
+                at = np.nonzero(live)
+                cols = wb.transpose(1, 0, 2)[:, at[0], at[1]]  # [B, n]: each block's terms summed in order
+                c = None if weight is None else weight.transpose(1, 0, 2)[:, at[0], at[1]]
+                err = _sq_error(cols, s[at], z[at], qmax, c, axis=0)
+                better = err < best_err[at]
+                at = tuple(a[better] for a in at)
+                err = err[better]
+                gain = float((best_err[at] - err).sum())
+                best_err[at], best_s[at], best_z[at] = err, s[at], z[at]
+                return gain
+        err = _sq_error(wb, s, z, qmax, weight, work.get("d", wb.shape))
+        better = err < best_err
+        gain = float((best_err[better] - err[better]).sum())
+        best_err[better] = err[better]
+        best_s[better] = s[better]
+        best_z[better] = z[better]
         return gain
 
-    shrinks = np.array([f for f in options.grid if f != 1.0], dtype=np.float32)[:, None]
+    shrinks = np.array([f for f in options.grid if f != 1.0], dtype=np.float32)[:, None, None]
     if len(shrinks):
-        cand_s, cand_z = minmax_params(lo0 * shrinks, hi0 * shrinks, qmax)  # [G, P], all candidates at once
-        bounds = _bounds(ext, cext, cand_s, cand_z, qmax) if options.prune else [None] * len(shrinks)
+        cand_s, cand_z = minmax_params(lo0 * shrinks, hi0 * shrinks, qmax)  # [G, nblk, N], all at once
+        bounds = _bounds(slab, cand_s, cand_z, qmax) if options.prune else [None] * len(shrinks)
         for s, z, bound in zip(cand_s, cand_z, bounds, strict=True):
-            consider(s, z, bound)  # in the grid's order: the first of equal errors wins, as it always did
+            consider(s, z, bound)  # in the grid's order: the first of equal errors wins
     if options.iters:
-        _refine(w, weight, best_s, best_z, best_err, qmax, options, consider)
-    q = codes(w, best_s, best_z, qmax)
+        _refine(wb, weight, best_s, best_z, best_err, qmax, options, consider)
+    q = round_codes(wb, best_s, best_z, qmax)
     if options.unbiased:
-        what = (q - best_z[:, None]) * best_s[:, None]
-        energy = pairs.energy
-        overlap = np.einsum("pb,pb->p", what, w, dtype=np.float64)
+        what = (q - best_z[:, None, :]) * best_s[:, None, :]
+        overlap = np.einsum("bkn,bkn->bn", what, wb, dtype=np.float64)
+        energy = slab.energy
         with np.errstate(divide="ignore", invalid="ignore"):
-            scale = np.where((overlap > 0) & (energy > 0), energy / overlap, 1.0)
-        best_s = (best_s * scale).astype(np.float32)
+            factor = np.where((overlap > 0) & (energy > 0), energy / overlap, 1.0)
+        best_s = (best_s * factor).astype(np.float32)
     return best_s, best_z, q
 
 
-def _refine(w, weight, best_s, best_z, best_err, qmax, options: HqqOptions, consider) -> None:
+def _refine(wb, weight, best_s, best_z, best_err, qmax, options: HqqOptions, consider) -> None:
     """HQQ's half-quadratic iterations from the range search's best (see the module doc, step 2)."""
     s, z = best_s.copy(), best_z.copy()
-    q = codes(w, s, z, qmax)
-    cw = np.ones_like(w) if weight is None else weight
-    total = cw.sum(axis=1)
+    q = round_codes(wb, s, z, qmax)
     beta = options.beta
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         for _ in range(options.iters):
-            u = w - (q - z[:, None]) * s[:, None]  # residual...
-            u /= s[:, None]  # ...in units of the step
+            u = wb - (q - z[:, None, :]) * s[:, None, :]  # residual...
+            u /= s[:, None, :]  # ...in units of the step
             mag = np.abs(u)
             shrunk = np.maximum(mag - np.power(mag, options.lp - 1.0) / np.float32(beta), 0.0)
-            target = w - np.sign(u) * shrunk * s[:, None]  # w minus its sparse outlier part
+            target = wb - np.sign(u) * shrunk * s[:, None, :]  # w minus its sparse outlier part
             del u, mag, shrunk
-            # weighted least squares target ~ a q + b per pair, then z = -b / a rounded
-            qm = np.einsum("pb,pb->p", cw, q) / total
-            tm = np.einsum("pb,pb->p", cw, target) / total
-            qc = q - qm[:, None]
+            # weighted least squares target ~ a q + b per (block, column), then z = -b / a rounded
+            cw = np.ones_like(q) if weight is None else weight
+            total = cw.sum(axis=1)
+            qm = np.einsum("bkn,bkn->bn", cw, q) / total
+            tm = np.einsum("bkn,bkn->bn", cw, target) / total
+            qc = q - qm[:, None, :]
             qc_w = qc * cw
-            a = np.einsum("pb,pb->p", qc_w, target - tm[:, None]) / np.einsum("pb,pb->p", qc_w, qc)
+            a = np.einsum("bkn,bkn->bn", qc_w, target - tm[:, None, :]) / np.einsum("bkn,bkn->bn", qc_w, qc)
             del qc, qc_w
             ok = np.isfinite(a) & (a > 0)
             z_new = np.clip(np.rint((a * qm - tm) / a), 0.0, qmax).astype(np.float32)
-            d = q - z_new[:, None]
-            s_new = (np.einsum("pb,pb->p", cw * target, d) / np.einsum("pb,pb->p", cw * d, d)).astype(np.float32)
+            d = q - z_new[:, None, :]
+            s_new = (np.einsum("bkn,bkn->bn", cw * target, d) / np.einsum("bkn,bkn->bn", cw * d, d)).astype(np.float32)
             ok &= np.isfinite(s_new) & (s_new > 0)
             s = np.where(ok, s_new, s).astype(np.float32)
             z = np.where(ok, z_new, z).astype(np.float32)
-            q = codes(w, s, z, qmax)
+            q = round_codes(wb, s, z, qmax)
             if consider(s, z, None) <= options.tol * float(best_err.sum()):
                 break  # HQQ's own stopping rule: the error stopped falling
             beta *= options.kappa
@@ -278,59 +263,52 @@ def _refine(w, weight, best_s, best_z, best_err, qmax, options: HqqOptions, cons
 
 def fit_params(wb: np.ndarray, bits: int, options: HqqOptions = HqqOptions()) -> tuple[np.ndarray, np.ndarray]:
     """Scale and integer zero point (as float32) ``[nblk, N]`` for blocks ``wb [nblk, B, N]``."""
-    nblk, B, N = wb.shape
-    s, z, _ = fit_pairs(np.transpose(wb, (0, 2, 1)).reshape(nblk * N, B), bits, options)
-    return s.reshape(nblk, N), z.reshape(nblk, N)
+    s, z, _ = fit(wb, bits, options)
+    return s, z
 
 
 def quantize_hqq(w: np.ndarray, bits: int, block_size: int, options: HqqOptions = HqqOptions(),
                  memo: dict | None = None) -> QuantizedMatrix:
     """Quantize ``w [K, N]`` along K in blocks of ``block_size`` with optimised parameters.
 
-    ``w`` is best the transposed view of a torch weight ``[N, K]`` (what ``quantize_expert``
-    passes): then no copy of it is made. The codes come back as the ``[K, N]`` view of an
-    ``[N, K]`` array, the layout MatMulNBits stores. ``memo``: a dict kept for this matrix across
-    calls at other bit widths, which then share the work that does not depend on them."""
+    ``memo``: a dict kept for this matrix across calls at other bit widths, which then share the
+    work that does not depend on them (the contiguous copy of a transposed ``w``, each block's
+    extremes, error weights and energy)."""
     if bits not in SUPPORTED_BITS:
         raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
     if w.ndim != 2:
         raise ValueError(f"expected a 2-D [K, N] matrix, got shape {w.shape}")
     K, N = w.shape
-    B = block_size
-    nfull, tail = divmod(K, B)
-    nb = nfull + (tail > 0)
-    key = ("hqq pairs", block_size, options.salience)
-    parts = None if memo is None else memo.get(key)
-    if parts is None:
-        parts = _prepare(w, block_size, options.salience)
+    key = ("hqq slabs", block_size, options.salience)
+    slabs = None if memo is None else memo.get(key)
+    if slabs is None:
+        slabs = _prepare(w, block_size, options.salience)
         if memo is not None:
-            memo[key] = parts
-    q = np.empty((N, K), dtype=np.uint8)
-    scale = np.empty((N, nb), dtype=np.float32)
-    zero_point = np.empty((N, nb), dtype=np.uint8)
+            memo[key] = slabs
+    nb = -(-K // block_size)
+    q = np.empty((K, N), dtype=np.uint8)
+    scale = np.empty((nb, N), dtype=np.float32)
+    zero_point = np.empty((nb, N), dtype=np.uint8)
     work = _Work()
-    for b0, b1, width, chunks in parts:
-        got = [fit_pairs(c, bits, options, work) for c in chunks]
-        scale[:, b0:b1] = np.concatenate([g[0] for g in got]).reshape(N, b1 - b0)
-        zero_point[:, b0:b1] = np.concatenate([g[1] for g in got]).reshape(N, b1 - b0)
-        q[:, b0 * B:b0 * B + (b1 - b0) * width] = np.concatenate([g[2] for g in got]).reshape(N, (b1 - b0) * width)
-    return QuantizedMatrix(q=q.T, scale=np.ascontiguousarray(scale.T), zero_point=np.ascontiguousarray(zero_point.T),
-                           bits=bits, block_size=B, K=K, N=N)
+    for slab in slabs:
+        r0, r1, b0, b1 = slab.rows
+        s, z, codes = fit(slab, bits, options, work)
+        q[r0:r1] = codes.reshape(r1 - r0, N)
+        scale[b0:b1] = s
+        zero_point[b0:b1] = z
+    return QuantizedMatrix(q=q, scale=scale, zero_point=zero_point, bits=bits, block_size=block_size, K=K, N=N)
 
 
-def _prepare(w: np.ndarray, block_size: int, salience: float) -> list[tuple[int, int, int, list[_Pairs]]]:
-    """``w [K, N]`` as pairs: ``(first block, end block, block width, chunks)`` for the whole
-    blocks and, when K is not a multiple of the block, the short last one."""
+def _prepare(w: np.ndarray, block_size: int, salience: float) -> list[_Slab]:
+    """``w [K, N]`` in cache-sized slabs of whole blocks (and the short last block alone)."""
     K, N = w.shape
-    B = block_size
-    nfull, tail = divmod(K, B)
-    w_nk = np.ascontiguousarray(np.asarray(w).T, dtype=np.float32)  # no copy for a transposed torch weight
-    spans = [(0, nfull, B)] if nfull else []
-    if tail:
-        spans.append((nfull, nfull + 1, tail))
+    w_kn = c_order(np.asarray(w, dtype=np.float32))  # a transposed torch weight: one strip-wise copy
+    per_slab = max(1, SLAB_ELEMS // (block_size * N))
     out = []
-    for b0, b1, width in spans:
-        pairs = w_nk[:, b0 * B:b0 * B + (b1 - b0) * width].reshape(N * (b1 - b0), width)
-        out.append((b0, b1, width, [_Pairs.of(pairs[p0:p0 + CHUNK_PAIRS], salience)
-                                    for p0 in range(0, len(pairs), CHUNK_PAIRS)]))
+    for r0, r1, b0, b1 in block_slabs(K, block_size, N):
+        for c0 in range(b0, b1, per_slab):  # block_slabs' slabs are 16 MiB: split them for the cache
+            c1 = min(b1, c0 + per_slab)
+            rows = (r0 + (c0 - b0) * block_size, min(r1, r0 + (c1 - b0) * block_size), c0, c1)
+            wb = w_kn[rows[0]:rows[1]].reshape(c1 - c0, (rows[1] - rows[0]) // (c1 - c0), N)
+            out.append(_Slab.of(wb, rows, salience))
     return out

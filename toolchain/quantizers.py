@@ -23,7 +23,7 @@ import numpy as np
 from dymoe.bundle.precisions import BITS
 
 from .blockquant import QuantizedMatrix, dequantize, quantize_rtn
-from .expert_graph import reference_forward, silu
+from .expert_graph import reference_forward, silu, weight_kn
 from .gptq import GptqOptions, inverse_factor, quantize_gptq
 from .hqq import HqqOptions, quantize_hqq
 from .options import GPTQ_MIN_TOKENS, QUANTIZER, QUANTIZERS
@@ -118,7 +118,8 @@ def quantize_expert(gate: np.ndarray, up: np.ndarray, down: np.ndarray, precisio
         how = FALLBACK
         note = (f"gptq fell back to {FALLBACK}: {tokens or 0} routed calibration tokens "
                 f"< {options.min_tokens} (--gptq-min-tokens)")
-    g_kn, u_kn, d_kn = (np.asarray(w, dtype=np.float32).T for w in (gate, up, down))
+    memos = {p: None if memo is None else memo.setdefault(p, {}) for p in ("gate", "up", "down")}
+    g_kn, u_kn, d_kn = (weight_kn(w, memos[p]) for p, w in (("gate", gate), ("up", up), ("down", down)))
     if how == "gptq":
         x, hs = inputs.x, inputs.gram()
         factor = None if options.gptq.act_order else inputs.factor(options.gptq.damp)  # act order permutes first
@@ -127,7 +128,7 @@ def quantize_expert(gate: np.ndarray, up: np.ndarray, down: np.ndarray, precisio
         act = silu(x @ dequantize(mats["gate"])) * (x @ dequantize(mats["up"]))  # [T, I] as served
         mats["down"] = _one(d_kn, bits, block_size, how, options, gram(act))
     else:
-        mats = {p: _one(w, bits, block_size, how, options, memo=None if memo is None else memo.setdefault(p, {}))
+        mats = {p: _one(w, bits, block_size, how, options, memo=memos[p])
                 for p, w in (("gate", g_kn), ("up", u_kn), ("down", d_kn))}
     err = None
     if tokens:
