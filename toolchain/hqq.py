@@ -111,7 +111,40 @@ def _sq_error(wb: np.ndarray, s: np.ndarray, z: np.ndarray, qmax: float, c: np.n
     ``s, z [nblk, N]``, or ``[P]`` for gathered blocks ``[B, P]`` (``axis=0``); each block's terms
     are summed in order."""
     d = _terms(wb, np.expand_dims(s, axis), np.expand_dims(z, axis), qmax, c, out)
-    return d.sum(axis=axis)  # float32 over one block of B elements: ample precision for comparisons
+    return block_sum(d, axis)  # float32 over one block of B elements: ample precision for comparisons
+
+
+def block_sum(a: np.ndarray, axis: int = 1) -> np.ndarray:
+    """``a.sum(axis)`` added up in the order numpy takes along contiguous memory (pairwise: eight
+    running sums, then a tree; recursive halves past 128 terms), whatever ``a``'s layout.
+
+    Rounding depends on that order, and two shrunk ranges can tie to within it: the previous
+    implementation summed along each block's contiguous run of a transposed torch weight, and
+    these sums keep its picks exactly while the slabs here lie column-contiguous (long, fast inner
+    loops) instead."""
+    n = a.shape[axis]
+
+    def at(i: int | slice) -> np.ndarray:
+        return a[(slice(None),) * axis + (i,)]
+
+    if n < 8:
+        res = np.zeros_like(at(0))
+        for i in range(n):
+            res += at(i)
+        return res
+    if n > 128:
+        half = n // 2
+        half -= half % 8
+        return block_sum(at(slice(0, half)), axis) + block_sum(at(slice(half, n)), axis)
+    r = at(slice(0, 8)).copy()
+    end = n - n % 8
+    for i in range(8, end, 8):
+        r += at(slice(i, i + 8))
+    part = [r[(slice(None),) * axis + (j,)] for j in range(8)]
+    res = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]))
+    for i in range(end, n):
+        res += at(i)
+    return res
 
 
 def _salience(wb: np.ndarray, salience: float) -> tuple[np.ndarray | None, np.ndarray | None]:
@@ -120,7 +153,7 @@ def _salience(wb: np.ndarray, salience: float) -> tuple[np.ndarray | None, np.nd
     if salience == 0:
         return None, None
     w2 = np.square(wb)
-    mean = w2.mean(axis=1, keepdims=True)
+    mean = np.expand_dims(block_sum(w2) / np.float32(wb.shape[1]), 1)  # w2.mean(axis=1), summed as above
     mean[mean == 0] = 1.0
     factor = np.float32(salience) / mean
     w2 *= factor
