@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test demo lint bench bench-export bench-decode bench-quant bench-serve bench-trt bench-backbone clean calibrate
+.PHONY: setup test demo lint bench bench-export bench-export-qwen3 bench-decode bench-quant bench-serve bench-trt bench-backbone clean calibrate
 
 setup: $(STAMP)
 
@@ -34,6 +34,13 @@ bench: setup
 
 bench-export: setup
 	$(BIN)/python benchmarks/export_throughput.py
+
+# Qwen3-30B-A3B's exact shapes, 2 of its 48 layers (3.7 GB of bf16 to write once, 7.3 GB of bundle
+# per run, under .cache/bench/), default export settings, workers 1 and 2, extrapolated to the
+# whole model; with the per-stage profile (results/export_qwen3_30b_shape.json). About 15 minutes.
+QWEN3_ARGS ?= --layers 2 --workers 1,2 --profile 3
+bench-export-qwen3: setup
+	$(BIN)/python benchmarks/export_qwen3_30b_shape.py $(QWEN3_ARGS)
 
 bench-decode: setup
 	$(BIN)/python benchmarks/decode_speed.py

@@ -14,28 +14,10 @@ import sys
 import time
 
 from _common import CACHE, med, show, write_json
+from _watch import watch_rss
 
 from dymoe.toolchain.checkpoint import Checkpoint
 from dymoe.toolchain.synthetic import write_synthetic_checkpoint
-
-
-def watch_rss(proc: subprocess.Popen, every: float = 0.05) -> tuple[float, float]:
-    """Poll until ``proc`` exits; return peak RSS (MiB) of its largest process and of its tree."""
-    import psutil
-
-    root = psutil.Process(proc.pid)
-    peak_one = peak_tree = 0.0
-    while proc.poll() is None:
-        try:
-            procs = [root, *root.children(recursive=True)]
-            sizes = [p.memory_info().rss / 2**20 for p in procs]
-        except psutil.Error:
-            continue
-        peak_one, peak_tree = max(peak_one, max(sizes)), max(peak_tree, sum(sizes))
-        time.sleep(every)
-    if proc.returncode:
-        raise SystemExit(f"export failed with status {proc.returncode}")
-    return peak_one, peak_tree
 
 
 def main() -> None:

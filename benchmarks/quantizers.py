@@ -171,9 +171,10 @@ for e in range(experts):
     if e == 0:
         out["baseline_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     inputs = RoutedInputs(x) if q == "gptq" else None  # shared by the three precisions, as in an export
+    memo = {}  # likewise
     for p in ("int8", "int4", "int2"):
         t0 = time.perf_counter()
-        quantize_expert(gate, up, down, p, 32, QuantizerOptions(q), inputs=inputs)
+        quantize_expert(gate, up, down, p, 32, QuantizerOptions(q), inputs=inputs, memo=memo)
         out["seconds"][p].append(time.perf_counter() - t0)
 out["peak_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 print(json.dumps(out))

@@ -132,18 +132,47 @@ class SafetensorsFile:
         count = 1
         for d in shape:
             count *= d
+        out = np.empty(count, dtype=np.float32)
         with open(self.path, "rb") as f:
             f.seek(offset)
-            raw = f.read(count * width)
-        if len(raw) != count * width:
-            raise self._corrupt(f"short read of tensor {name!r}")
-        arr = np.frombuffer(raw, dtype=np_dtype, count=count)
-        del raw  # arr keeps the buffer; nothing else does once we return
-        if info.dtype == "BF16":
-            out = arr.astype(np.uint32)
-            out <<= 16  # in place: one widened copy, not two
-            return out.view(np.float32).reshape(shape)
-        return arr.astype(np.float32, copy=info.dtype != "F32").reshape(shape)
+            if not _read_into(f, out, np_dtype, info.dtype == "BF16"):
+                raise self._corrupt(f"short read of tensor {name!r}")
+        return out.reshape(shape)
+
+
+# Elements converted per read: the raw chunk and its float32 result stay in cache, and a tensor
+# never sits in memory twice (a 150k x 2048 embedding is 1.2 GB as float32, 0.6 GB as bf16).
+_READ_CHUNK = 1 << 18
+
+
+def _read_into(f, out: np.ndarray, dtype: np.dtype, bf16: bool) -> bool:
+    """Fill float32 ``out`` with the next ``out.size`` elements of ``dtype`` from ``f``, chunk by
+    chunk; False on a short read. bf16 is the top half of a float32: widen, then shift."""
+    if dtype == np.dtype("<f4") and np.little_endian:  # the bytes are the result: no conversion
+        return _fill(f, memoryview(out).cast("B"))
+    buf = np.empty(min(_READ_CHUNK, out.size), dtype=dtype)
+    as_int = out.view(np.uint32)
+    for i in range(0, out.size, _READ_CHUNK):
+        n = min(_READ_CHUNK, out.size - i)
+        if not _fill(f, memoryview(buf[:n]).cast("B")):
+            return False
+        if bf16:
+            as_int[i:i + n] = buf[:n]
+            as_int[i:i + n] <<= 16
+        else:
+            out[i:i + n] = buf[:n]
+    return True
+
+
+def _fill(f, view: memoryview) -> bool:
+    """Read exactly ``len(view)`` bytes into ``view`` (``readinto`` may return fewer); False at EOF."""
+    done = 0
+    while done < len(view):
+        n = f.readinto(view[done:])
+        if not n:
+            return False
+        done += n
+    return True
 
 
 def write_safetensors(path: Path, tensors: dict[str, np.ndarray], dtype: str = "F32") -> None:

@@ -118,6 +118,21 @@ def test_transposed_view_and_chunking(monkeypatch):
     np.testing.assert_array_equal(odd.scale, odd_ref.scale)
 
 
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.uint8])
+@pytest.mark.parametrize("shape", [(768, 2048), (37, 5), (1, 9), (16, 16), (0, 4)])
+def test_transposed_copy(dtype, shape):
+    from dymoe.toolchain.transpose import c_order, transposed
+
+    a = (np.random.default_rng(7).standard_normal(shape) * 50).astype(dtype)
+    t = transposed(a)
+    assert t.flags.c_contiguous and t.dtype == a.dtype
+    np.testing.assert_array_equal(t, a.T)
+    for view in (a, a.T, a[::2]):
+        c = c_order(view)
+        assert c.flags.c_contiguous
+        np.testing.assert_array_equal(c, view)
+
+
 def test_float64_input():
     w = np.random.default_rng(5).standard_normal((64, 4))
     a = quantize_rtn(w, 8, 32)

@@ -95,6 +95,105 @@ def test_hqq_iterations_refine_the_range_search():
     assert np.linalg.norm(dequantize(full) - w) < np.linalg.norm(dequantize(search_only) - w)
 
 
+def _gaussian_with_outliers(K=160, N=96, seed=5):
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((N, K), dtype=np.float32) * 0.02  # torch layout [N, K]
+    w.reshape(-1)[rng.integers(0, w.size, w.size // 100)] *= 10
+    return w
+
+
+@pytest.mark.parametrize("salience", [0.0, 4.0])
+@pytest.mark.parametrize("bits", [8, 4, 2])
+@pytest.mark.parametrize("name", [*_matrices(), "wide"])
+def test_hqq_pruning_keeps_the_full_searchs_picks(name, bits, salience):
+    """Candidates skipped by the lower bound could not have won: the pruned search picks exactly
+    what scoring every candidate on every (block, column) picks."""
+    w = _gaussian_with_outliers().T if name == "wide" else _matrices()[name]
+    full = quantize_hqq(w, bits, B, HqqOptions(salience=salience, prune=False))
+    pruned = quantize_hqq(w, bits, B, HqqOptions(salience=salience))
+    np.testing.assert_array_equal(pruned.q, full.q)
+    np.testing.assert_array_equal(pruned.scale, full.scale)
+    np.testing.assert_array_equal(pruned.zero_point, full.zero_point)
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_hqq_takes_either_memory_layout(bits):
+    """A transposed torch weight (no copy) and a contiguous [K, N] matrix give the same codes."""
+    w_torch = _gaussian_with_outliers(K=150)  # a short last block too
+    view, contiguous = quantize_hqq(w_torch.T, bits, B), quantize_hqq(np.ascontiguousarray(w_torch.T), bits, B)
+    for a, b in ((view.q, contiguous.q), (view.scale, contiguous.scale), (view.zero_point, contiguous.zero_point)):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(dequantize(view), dequantize(contiguous))
+
+
+# The default quantizer's errors on a seeded expert (K = 300 and 80: short last blocks too), as the
+# implementation before the pruned, cache-sized search measured them (commit 230835b): the faster
+# search must not be worse anywhere.
+BEFORE = {("int8", 32): (0.0054453320994546995, 0.009980840608477592),
+          ("int8", 64): (0.006922880882150177, 0.011711923405528069),
+          ("int4", 32): (0.092841557892315, 0.16295607388019562),
+          ("int4", 64): (0.11773844458252826, 0.21507935225963593),
+          ("int2", 32): (0.37850488878521005, 0.680436372756958),
+          ("int2", 64): (0.4629623835737756, 0.8525159955024719)}
+
+
+@pytest.mark.parametrize("precision,block", list(BEFORE))
+def test_hqq_errors_are_no_worse_than_before(precision, block):
+    rng = np.random.default_rng(7)
+    H, I = 300, 80
+    gate, up = (rng.standard_normal((I, H), dtype=np.float32) * 0.02 for _ in range(2))
+    down = rng.standard_normal((H, I), dtype=np.float32) * 0.02
+    for w in (gate, up, down):
+        w.reshape(-1)[rng.integers(0, w.size, w.size // 200)] *= 10
+    quant = quantize_expert(gate, up, down, precision, block, QuantizerOptions("hqq"))
+    _, stats = build_expert_model(gate, up, down, precision, block, quantized=quant.mats,
+                                  fmt="nbits" if precision == "int2" else None)
+    weight, output = BEFORE[(precision, block)]
+    assert stats.weight_rel_error <= weight * (1 + 1e-6)
+    assert stats.output_rel_error <= output * (1 + 1e-6)
+
+
+def test_hqq_picks_exactly_what_it_picked_before():
+    """Codes, scales and zero points of seeded matrices (short last blocks, zero blocks, outliers;
+    8, 4 and 2 bits; blocks of 32 and 64), hashed: the bytes the implementation before the pruned,
+    cache-sized search wrote (commit 230835b). Same arithmetic, same order of every sum: the same
+    picks, not merely as good ones."""
+    import hashlib
+
+    rng = np.random.default_rng(11)
+    h = hashlib.sha256()
+    for K, N in ((300, 80), (80, 300), (256, 96)):
+        w = rng.standard_normal((N, K), dtype=np.float32) * 0.02  # torch layout
+        w.reshape(-1)[rng.integers(0, w.size, w.size // 100)] *= 10
+        w[:3, :40] = 0.0
+        for bits in (8, 4, 2):
+            for block in (32, 64):
+                qm = quantize_hqq(w.T, bits, block)
+                for a in (qm.q, qm.scale, qm.zero_point):
+                    h.update(np.ascontiguousarray(a).tobytes())
+    assert h.hexdigest() == "c349dc3148de6494ea5e32dde659d47b14ab6fe2412cf055d1e0c015ee6e1729"
+
+
+def test_a_memo_shared_by_an_experts_variants_changes_nothing():
+    """The export passes one memo through all precisions of an expert (hqq's per-matrix work, the
+    statistics' float reference): every variant is byte for byte what it is without one."""
+    rng = np.random.default_rng(8)
+    H, I = 96, 80
+    weights = (rng.standard_normal((I, H), dtype=np.float32), rng.standard_normal((I, H), dtype=np.float32),
+               rng.standard_normal((H, I), dtype=np.float32))
+    memo: dict = {}
+    for precision in ("fp16", "int8", "int4", "int2", "int4"):
+        built = []
+        for m in (memo, None):
+            quant = quantize_expert(*weights, precision, B, QuantizerOptions("hqq"), memo=m) if precision != "fp16" \
+                else None
+            model, stats = build_expert_model(*weights, precision, B, quantized=quant.mats if quant else None, memo=m,
+                                              fmt="nbits" if precision == "int2" else None)
+            built.append((model.SerializeToString(), stats))
+        assert built[0] == built[1]
+    assert {"gate", "up", "down", "probe reference"} <= set(memo)
+
+
 def test_gptq_without_correlations_is_the_data_free_quantizer():
     """A diagonal X^T X gives no other row to move the error to: GPTQ quantizes each row alone, with
     the block parameters fitted by the data-free optimiser, i.e. exactly hqq."""

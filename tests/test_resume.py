@@ -96,6 +96,27 @@ def test_parallel_workers_write_the_same_bundle(src, tmp_path):
         {k: v.sha256 for k, v in read_manifest(two).files.items()}
 
 
+def test_more_workers_than_cores_same_bundle_and_every_step_counted(src, tmp_path):
+    """The default ladder (fp16 too) with one worker in the process and with three processes (the
+    embedding and LM head share one job; results are journaled as they finish): the same bytes,
+    and progress reaches the total exactly."""
+    from dymoe.toolchain.export import ExportOptions, export
+
+    seen = {}
+    manifests = {}
+    for workers in (1, 3):
+        calls: list[tuple[int, int]] = []
+        options = ExportOptions(workers=workers, progress=lambda what, done, total, calls=calls:
+                                calls.append((done, total)))
+        manifests[workers] = export(str(src), tmp_path / f"w{workers}", options)
+        seen[workers] = calls
+    assert {k: v.sha256 for k, v in manifests[1].files.items()} == {k: v.sha256 for k, v in manifests[3].files.items()}
+    for calls in seen.values():
+        total = calls[0][1]
+        assert calls[-1] == (total, total) and total == 2 + 4 + 4 + 4 * 16  # embed, head, layers, routers, experts
+        assert [d for d, _ in calls] == sorted(d for d, _ in calls)
+
+
 def test_journal_ignores_a_torn_last_line(tmp_path):
     from dymoe.bundle.journal import Journal
 

@@ -32,6 +32,7 @@ summation order.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,6 +43,7 @@ from dymoe.bundle.precisions import BITS, PRECISIONS
 
 from .blockquant import QuantizedMatrix, dequantize, pack_codes, quantize_rtn
 from .onnx_build import IR_VERSION, OPSET
+from .transpose import c_order, transposed
 
 DEFAULT_FORMAT = {"int8": "qdq", "int4": "qdq", "int2": "nbits"}
 FORMATS = ("qdq", "nbits")
@@ -78,9 +80,13 @@ def reference_forward(x: np.ndarray, gate: np.ndarray, up: np.ndarray,
     return ((silu(g) * u) @ np.asarray(down, dtype=np.float32).T).astype(np.float32, copy=False)
 
 
+@functools.lru_cache(maxsize=4)
 def probe_input(H: int) -> np.ndarray:
-    """The fixed input used for ``ExpertQuantStats.output_rel_error``."""
-    return np.random.default_rng(0).standard_normal((16, H)).astype(np.float32)
+    """The fixed input used for ``ExpertQuantStats.output_rel_error`` (read-only: made once per H,
+    not once per variant)."""
+    x = np.random.default_rng(0).standard_normal((16, H)).astype(np.float32)
+    x.flags.writeable = False
+    return x
 
 
 def expected_bytes(H: int, I: int, precision: str, block_size: int) -> int:
@@ -136,6 +142,19 @@ def effective_weights(gate, up, down, precision: str, block_size: int):
                  for w in (gate, up, down))
 
 
+def _probe_reference(gate, up, down, xp: np.ndarray, memo: dict | None) -> tuple[float, np.ndarray]:
+    """``||W||^2`` of the three projections and the float expert's output on the probe: the same
+    for every variant of an expert, so kept in ``memo`` when there is one."""
+    if memo is not None and "probe reference" in memo:
+        return memo["probe reference"]
+    ws = [np.asarray(w, dtype=np.float32).T for w in (gate, up, down)]  # [K, N] views
+    ref2 = sum(float(np.sum(np.square(w), dtype=np.float64)) for w in ws)
+    y = (silu(xp @ ws[0]) * (xp @ ws[1])) @ ws[2]
+    if memo is not None:
+        memo["probe reference"] = (ref2, y)
+    return ref2, y
+
+
 # ---------------------------------------------------------------------------------------
 # Graph building.
 
@@ -145,13 +164,13 @@ def qdq_weight(proj: str, qm: QuantizedMatrix, out: str):
     quantized linears use the very same form, ``backbone_forms.py``)."""
     K, N = qm.K, qm.N
     if qm.bits == 8:
-        w = numpy_helper.from_array(qm.q, f"{proj}_w")
+        w = numpy_helper.from_array(c_order(qm.q), f"{proj}_w")
         zp = numpy_helper.from_array(qm.zero_point, f"{proj}_zero_point")
     elif qm.bits == 4:
         # UINT4 raw data: the row-major flattened tensor, two values per byte, element
         # 2i in the low nibble (checked against onnx.numpy_helper.to_array in the tests).
         w = helper.make_tensor(f"{proj}_w", TensorProto.UINT4, [K, N],
-                               pack_codes(qm.q.reshape(-1), 4).tobytes(), raw=True)
+                               pack_codes(c_order(qm.q).reshape(-1), 4).tobytes(), raw=True)
         zp = helper.make_tensor(f"{proj}_zero_point", TensorProto.UINT4, list(qm.zero_point.shape),
                                 pack_codes(qm.zero_point.reshape(-1), 4).tobytes(), raw=True)
     else:
@@ -175,10 +194,9 @@ def nbits_matmul(proj: str, qm: QuantizedMatrix, a: str, out: str, accuracy_leve
     """
     K, N, B, bits = qm.K, qm.N, qm.block_size, qm.bits
     nb = qm.n_blocks
-    codes_nk = np.empty((N, nb * B), dtype=np.uint8)  # transposed, K padded to nb*B
-    codes_nk[:, :K] = qm.q.T
-    if nb * B > K:
-        codes_nk[:, K:] = qm.zero_point[-1][:, None]
+    codes_nk = transposed(qm.q)  # [N, K]
+    if nb * B > K:  # K padded to nb*B
+        codes_nk = np.concatenate([codes_nk, np.repeat(qm.zero_point[-1][:, None], nb * B - K, axis=1)], axis=1)
     packed_b = pack_codes(codes_nk.reshape(N, nb, B), bits)
     del codes_nk
     w = numpy_helper.from_array(packed_b, f"{proj}_w")
@@ -193,21 +211,30 @@ def nbits_matmul(proj: str, qm: QuantizedMatrix, a: str, out: str, accuracy_leve
     return [w, scale, zp], node
 
 
-def _projection(proj: str, w_torch: np.ndarray, precision: str, fmt: str | None,
+def weight_kn(w_torch: np.ndarray, memo: dict | None = None) -> np.ndarray:
+    """A torch weight ``[N, K]`` as the contiguous float32 ``[K, N]`` MatMul weight, copied in
+    cache-sized strips; kept in ``memo`` (one dict per matrix) for the expert's other variants."""
+    if memo is not None and "kn" in memo:
+        return memo["kn"]
+    w_kn = c_order(np.asarray(w_torch, dtype=np.float32).T)
+    if memo is not None:
+        memo["kn"] = w_kn
+    return w_kn
+
+
+def _projection(proj: str, w_kn: np.ndarray, precision: str, fmt: str | None,
                 block_size: int, a: str, out: str, accuracy_level: int, qm: QuantizedMatrix | None = None):
-    """Encode one projection ``out = a @ w_torch.T``.
+    """Encode one projection ``out = a @ w_kn`` (``w_kn`` float32 ``[K, N]``, contiguous).
 
     Returns ``(initializers, nodes, W_eff [K, N] float32)``; ``W_eff`` is what the graph
     multiplies by (used for the error statistics, then dropped by the caller).
     """
-    w_kn = np.asarray(w_torch).T  # [K, N] view, no copy
     mm = f"{proj}_matmul"
     if precision == "fp32":
-        w_kn = np.ascontiguousarray(w_kn, dtype=np.float32)
         init = numpy_helper.from_array(w_kn, f"{proj}_w")
         return [init], [helper.make_node("MatMul", [a, init.name], [out], name=mm)], w_kn
     if precision == "fp16":
-        w16 = np.ascontiguousarray(w_kn, dtype=np.float16)
+        w16 = w_kn.astype(np.float16)
         init = numpy_helper.from_array(w16, f"{proj}_w")
         cast = helper.make_node("Cast", [init.name], [f"{proj}_w_f32"], name=f"{proj}_cast",
                                 to=TensorProto.FLOAT)
@@ -230,7 +257,7 @@ def _projection(proj: str, w_torch: np.ndarray, precision: str, fmt: str | None,
 def build_expert_model(gate: np.ndarray, up: np.ndarray, down: np.ndarray, precision: str,
                        block_size: int, name: str = "expert", *, fmt: str | None = None,
                        accuracy_level: int = 4, quantized: dict[str, QuantizedMatrix] | None = None,
-                       ) -> tuple[onnx.ModelProto, ExpertQuantStats]:
+                       memo: dict | None = None) -> tuple[onnx.ModelProto, ExpertQuantStats]:
     """Build the ONNX model ``x [T, H] -> y [T, H]`` of one expert at ``precision``.
 
     ``fmt`` picks the encoding of int8/int4 (``"qdq"`` default, or ``"nbits"``); int2 is
@@ -238,7 +265,8 @@ def build_expert_model(gate: np.ndarray, up: np.ndarray, down: np.ndarray, preci
     activations compute on CPU, 0 = omit the attribute, i.e. float compute); it only
     matters for the nbits format.  ``block_size`` is ignored for fp32/fp16.  ``quantized`` gives
     the ``[K, N]`` codes of ``"gate"``, ``"up"`` and ``"down"`` made by another quantizer (RTN if
-    omitted); it must match ``precision`` and ``block_size``.
+    omitted); it must match ``precision`` and ``block_size``. ``memo``: a dict kept for this
+    expert's weights across its variants, which then share the float reference of the statistics.
     """
     fmt = _check_precision(precision, fmt)
     H, I = _check_shapes(gate, up, down)
@@ -248,27 +276,25 @@ def build_expert_model(gate: np.ndarray, up: np.ndarray, down: np.ndarray, preci
     # Probe activations for output_rel_error, computed projection by projection so that
     # only one effective weight matrix is alive at a time.
     xp = probe_input(H)
+    ref2, y = _probe_reference(gate, up, down, xp, memo)
     inits, proj_nodes, acts = [], {}, {}
-    err2 = ref2 = 0.0
+    err2 = 0.0
     for proj, w, a, out in (("gate", gate, "x", "gate"), ("up", up, "x", "up"),
                             ("down", down, "h", "y")):
-        i, n, w_eff = _projection(proj, w, precision, fmt, block_size, a, out, accuracy_level,
+        w_kn = weight_kn(w, None if memo is None else memo.setdefault(proj, {}))
+        i, n, w_eff = _projection(proj, w_kn, precision, fmt, block_size, a, out, accuracy_level,
                                   (quantized or {}).get(proj))
         inits += i
         proj_nodes[proj] = n
-        w_kn = np.asarray(w, dtype=np.float32).T
         if precision != "fp32":
             diff = np.subtract(w_kn, w_eff)
             np.square(diff, out=diff)
             err2 += float(diff.sum(dtype=np.float64))
             del diff
-        ref2 += float(np.sum(np.square(w_kn), dtype=np.float64))
-        src, src_eff = (xp, xp) if proj != "down" else (acts["h"], acts["h_eff"])
-        acts[proj], acts[proj + "_eff"] = src @ w_kn, src_eff @ w_eff
+        acts[proj] = (xp if proj != "down" else acts["h"]) @ w_eff
         del w_eff
         if proj == "up":
             acts["h"] = silu(acts["gate"]) * acts["up"]
-            acts["h_eff"] = silu(acts["gate_eff"]) * acts["up_eff"]
 
     # silu(g) = g * sigmoid(g) as Sigmoid + Mul: ORT CPU fuses the pair into one
     # QuickGelu(alpha=1) kernel; TensorRT fuses the pointwise chain.
@@ -296,7 +322,7 @@ def build_expert_model(gate: np.ndarray, up: np.ndarray, down: np.ndarray, preci
     if precision == "fp32":
         stats = ExpertQuantStats(weight_rel_error=0.0, output_rel_error=0.0)
     else:
-        y, y_eff = acts["down"], acts["down_eff"]
+        y_eff = acts["down"]
         stats = ExpertQuantStats(
             weight_rel_error=float(np.sqrt(err2 / ref2)) if ref2 > 0 else 0.0,
             output_rel_error=float(np.linalg.norm(y - y_eff) / max(np.linalg.norm(y), 1e-30)),

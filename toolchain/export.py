@@ -11,10 +11,12 @@ where each tensor comes from, and each layer's graph; this module only schedules
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import platform
 import time
+from concurrent.futures import as_completed
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -53,6 +55,7 @@ from dymoe.bundle.version import __version__
 
 from .archs import base, get_architecture
 from .backbone_forms import BackboneForm, bytes_per_weight, quantize_linears
+from .blas import one_blas_thread, set_blas_threads
 from .checkpoint import TOKENIZER_FILES, Checkpoint, resolve_model_path
 from .expert_graph import expected_bytes
 from .external_data import write_graph
@@ -114,16 +117,23 @@ def _read(ckpt: Checkpoint, ref: Ref):
     return ckpt.read(ref.source, index=ref.index, rows=ref.rows)
 
 
-def _expert_task(folder: str, out: str, mapping: dict, layer: int, expert: int, precisions: tuple[str, ...],
-                 block_size: int, quantizer: QuantizerOptions, formats: dict[str, str]) -> dict[str, dict]:
-    ckpt = _checkpoint(folder)
+def _expert_refs(mapping: dict[str, Ref], layer: int, expert: int) -> tuple[Ref, Ref, Ref]:
+    """Where an expert's gate, up and down come from: all a worker needs of the mapping (the whole
+    of it is 18k entries for a 48-layer, 128-expert model, too much to send with every expert)."""
     p = f"layers.{layer}.experts.{expert}."
-    gate, up, down = (_read(ckpt, mapping[p + n]) for n in ("gate", "up", "down"))
-    done = {}
+    return mapping[p + "gate"], mapping[p + "up"], mapping[p + "down"]
+
+
+def _expert_task(folder: str, out: str, refs: tuple[Ref, Ref, Ref], layer: int, expert: int,
+                 precisions: tuple[str, ...], block_size: int, quantizer: QuantizerOptions,
+                 formats: dict[str, str]) -> dict[str, dict]:
+    ckpt = _checkpoint(folder)
+    gate, up, down = (_read(ckpt, r) for r in refs)
+    done, memo = {}, {}  # memo: what every precision derives from the same weights, derived once
     for prec in precisions:
         rel = expert_path(layer, expert, prec)
         done[rel] = write_expert(Path(out), rel, gate, up, down, prec, block_size, quantizer,
-                                 name=f"l{layer}_e{expert}_{prec}", fmt=formats[prec])
+                                 name=f"l{layer}_e{expert}_{prec}", fmt=formats[prec], memo=memo)
     return done
 
 
@@ -150,6 +160,17 @@ def _backbone_task(folder: str, out: str, model_type: str, settings: Any, mappin
             rel, model = layer_path(layer), quantize_linears(
                 get_architecture(model_type).layer_graph(settings, tensors, layer), form)
     return write_graph(Path(out), rel, model, limit)
+
+
+WHAT = 5  # where a backbone task's arguments say which graph it writes
+
+
+def _backbone_tasks(tasks: list[tuple]) -> dict[str, dict]:
+    """Several backbone graphs, one after another in one worker (``tasks``: each one's arguments)."""
+    done: dict[str, dict] = {}
+    for args in tasks:
+        done.update(_backbone_task(*args))
+    return done
 
 
 # --- orchestration ------------------------------------------------------------------------
@@ -252,36 +273,41 @@ def _export_locked(model: str, src: CheckedCheckpoint, precisions: tuple[str, ..
               *(("router", layer, router_path(layer)) for layer in spec.moe_layers)]
     common = (str(src.folder), str(out))
     form = backbone_form(options)
-    jobs: list[tuple] = [(_backbone_task, (*common, spec.model_type, src.settings, src.mapping, what, layer, form,
-                                           options.external_data_bytes))
-                         for what, layer, rel in graphs if rel not in done]
+    backbone = [(*common, spec.model_type, src.settings, src.mapping, what, layer, form, options.external_data_bytes)
+                for what, layer, rel in graphs if rel not in done]
+    # (function, arguments, graphs it writes). The embedding and the LM head go first, together:
+    # the others overlap them, and no two workers ever hold a vocabulary-sized tensor at once.
+    big = [a for a in backbone if a[WHAT] in ("embed", "head")]
+    jobs: list[tuple] = [(_backbone_tasks, (big,), len(big))] if big else []
+    jobs += [(_backbone_task, a, 1) for a in backbone if a[WHAT] not in ("embed", "head")]
     for layer in spec.moe_layers:
         for e in range(spec.num_experts):
             if all(expert_path(layer, e, p) in done for p in precisions):
                 continue
-            jobs.append((_expert_task, (*common, src.mapping, layer, e, precisions, options.block_size, quantizer,
-                                        options.formats)))
+            jobs.append((_expert_task, (*common, _expert_refs(src.mapping, layer, e), layer, e, precisions,
+                                        options.block_size, quantizer, options.formats), 1))
     total = len(graphs) + len(spec.moe_layers) * spec.num_experts
-    counter = Counter(options.progress, f"export {spec.model_type}", total, total - len(jobs))
-    if options.workers == 1:
-        for fn, args in jobs:
-            finished = fn(*args)
-            done.update(finished)
-            journal.record(finished)
-            counter.tick()
-    else:
-        with worker_pool(options.workers) as pool:
-            futures = [pool.submit(fn, *args) for fn, args in jobs]
-            try:
-                for fut in futures:
-                    finished = fut.result()
-                    done.update(finished)
-                    journal.record(finished)
-                    counter.tick()
-            except BaseException:
-                for f in futures:
-                    f.cancel()
-                raise
+    counter = Counter(options.progress, f"export {spec.model_type}", total, total - sum(j[2] for j in jobs))
+
+    def record(finished: dict[str, dict], units: int) -> None:
+        done.update(finished)
+        journal.record(finished)
+        counter.tick(units)
+
+    with one_blas_thread():
+        if options.workers == 1:
+            for fn, args, units in jobs:
+                record(fn(*args), units)
+        else:
+            with worker_pool(options.workers, setup=functools.partial(set_blas_threads, 1)) as pool:
+                futures = {pool.submit(fn, *args): units for fn, args, units in jobs}
+                try:
+                    for fut in as_completed(futures):  # journaled as they finish: a kill loses the least
+                        record(fut.result(), futures[fut])
+                except BaseException:
+                    for f in futures:
+                        f.cancel()
+                    raise
     for name in TOKENIZER_FILES:
         path = src.folder / name
         if path.is_file():

@@ -30,9 +30,10 @@ class Variant:
 
 
 def build_variant(gate, up, down, precision: str, block_size: int, quantizer: QuantizerOptions, name: str,
-                  inputs=None, fmt: str | None = None) -> Variant:
+                  inputs=None, fmt: str | None = None, memo: dict | None = None) -> Variant:
     """The graph of one expert (torch-layout float weights) at ``precision`` in format ``fmt``
-    (default: the portable one, ``FORMATS[precision]``)."""
+    (default: the portable one, ``FORMATS[precision]``). ``memo``: a dict kept for this expert's
+    weights across its variants, so that they share what is derived from the weights alone."""
     fmt = fmt or FORMATS[precision]
     if precision not in FORMAT_PRECISIONS.get(fmt, ()):
         raise ValueError(f"format {fmt!r} cannot hold {precision}")
@@ -41,10 +42,11 @@ def build_variant(gate, up, down, precision: str, block_size: int, quantizer: Qu
         return Variant(model, stats)
     if fmt == "qdq_sym_int4_fp16":
         return _symmetric_int4(gate, up, down, quantizer, name, inputs)
-    quant = quantize_expert(gate, up, down, precision, block_size, quantizer, inputs) if precision in BITS else None
+    quant = (quantize_expert(gate, up, down, precision, block_size, quantizer, inputs, memo)
+             if precision in BITS else None)
     model, stats = build_expert_model(gate, up, down, precision, block_size, name=name,
                                       fmt="nbits" if fmt == "matmulnbits" else None,
-                                      quantized=quant.mats if quant else None)
+                                      quantized=quant.mats if quant else None, memo=memo)
     if quant is None:
         return Variant(model, stats)
     return Variant(model, stats, quant.quantizer, quant.note, quant.tokens, quant.routed_output_rel_error)

@@ -3,7 +3,9 @@
 Same output as :func:`dymoe.toolchain.blockquant.quantize_rtn` - uint8 codes, float32 scale, integer
 zero point per (block, column) - so the ONNX encodings (QDQ, MatMulNBits) do not change. Only the
 choice of ``scale`` and ``zero_point`` differs. Dimension letters as in ``quantize.py``: ``K`` in,
-``N`` out, ``B`` block along K, ``nb`` blocks; a slab of blocks is ``[nblk, B, N]``.
+``N`` out, ``B`` block along K, ``nb`` blocks; a slab of blocks is ``[nblk, B, N]``, every
+reduction runs over B with N contiguous (vectorised across columns, and summing each block's B
+terms in order, the same arithmetic whatever the slab size), and slabs are sized to stay in cache.
 
 Round-to-nearest takes the block's min/max as the range, so one large weight stretches the step
 for all 32 and most of them round to the same few codes. This quantizer instead minimises the
@@ -20,7 +22,13 @@ block's *salience-weighted* squared error ``sum c (w - s (q - z))^2`` with
    DequantizeLinear and MatMulNBits store) and ``s`` is refitted for that integer ``z``.
 3. Every candidate is scored by that error and the best is kept per (block, column), with RTN's
    own parameters among the candidates, so the range search never picks worse than RTN block by
-   block (under that error; step 4 then trades a little of it for no bias).
+   block (under that error; step 4 then trades a little of it for no bias). A candidate is only
+   scored on the (block, column)s where it can win: the error is a sum of non-negative terms, so
+   the terms of the block's largest and smallest weights alone bound it from below (in floating
+   point as well, less a rounding slack: adding a non-negative number never lowers a rounded
+   sum). Where that bound already reaches the best error so far, the candidate cannot be strictly
+   better and is skipped: the picks are those of the full search. At 8 bits shrinking the range
+   nearly never pays, and the bound skips nearly everything; at 2 bits most candidates are scored.
 4. Unbiasing: with its codes fixed, each (block, column)'s scale is multiplied by
    ``<w, w> / <w_q, w>`` so that ``<w_q, w> = <w, w>``. A least-squares fit shrinks:
    ``||w_q|| < ||w||``, and every expert's output comes out a little too small; through the
@@ -43,6 +51,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from .blockquant import SUPPORTED_BITS, QuantizedMatrix, block_slabs, minmax_params, round_codes
+from .transpose import c_order
+
+# Elements of a slab searched at once: each float32 temporary is then 512 KiB, so the handful
+# alive at a time stay in a core's L2 cache across the ~10 passes of each candidate.
+SLAB_ELEMS = 1 << 17
 
 
 @dataclass(frozen=True)
@@ -57,53 +70,169 @@ class HqqOptions:
     kappa: float = 1.01  # beta grows by this factor per iteration
     tol: float = 1e-3  # stop once an iteration removes less than this fraction of the remaining error
     unbiased: bool = True  # step 4: rescale so that <w_q, w> = <w, w> per (block, column)
+    prune: bool = True  # skip candidates that provably cannot win (same picks; False only to test that)
 
 
-def _sq_error(wb: np.ndarray, s: np.ndarray, z: np.ndarray, q: np.ndarray, c: np.ndarray | None = None) -> np.ndarray:
-    """Weighted squared error per (block, column): ``sum_B c (s (q - z) - w)^2``, ``[nblk, N]``.
+class _Work:
+    """Scratch arrays reused for every candidate and slab: a fresh 512 KiB temporary per numpy
+    call costs its page faults each time."""
 
-    Consumes ``q`` (its buffer is reused): callers pass fresh codes."""
-    d = q
-    d -= z[:, None, :]
-    d *= s[:, None, :]
-    d -= wb
+    def __init__(self) -> None:
+        self.arrays: dict[str, np.ndarray] = {}
+
+    def get(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        size = int(np.prod(shape))
+        a = self.arrays.get(name)
+        if a is None or a.size < size:
+            a = self.arrays[name] = np.empty(max(size, SLAB_ELEMS), dtype=np.float32)
+        return a[:size].reshape(shape)
+
+
+def _terms(w: np.ndarray, s: np.ndarray, z: np.ndarray, qmax: float, c: np.ndarray | None,
+           out: np.ndarray | None = None) -> np.ndarray:
+    """Each element's weighted squared error ``c (s (q - z) - w)^2`` (``s, z`` broadcast against
+    ``w``). ``q - z = clip(rint(w / s), -z, qmax - z)`` exactly (integers below 2^24), as
+    ``round_codes(...) - z``, two passes fewer."""
+    d = np.divide(w, s, dtype=np.float32, out=out)
+    np.rint(d, out=d)
+    np.maximum(d, -z, out=d)
+    np.minimum(d, qmax - z, out=d)
+    d *= s
+    d -= w
     np.square(d, out=d)
     if c is not None:
         d *= c
-    return d.sum(axis=1)  # float32 over one block of B elements: ample precision for comparisons
+    return d
 
 
-def _salience(wb: np.ndarray, salience: float) -> np.ndarray | None:
-    """Per-element error weights ``1 + salience * w^2 / mean_block(w^2)`` (None: all ones)."""
+def _sq_error(wb: np.ndarray, s: np.ndarray, z: np.ndarray, qmax: float, c: np.ndarray | None,
+              out: np.ndarray | None = None, axis: int = 1) -> np.ndarray:
+    """Weighted squared error per (block, column): ``[nblk, N]`` for a slab ``wb [nblk, B, N]`` and
+    ``s, z [nblk, N]``, or ``[P]`` for gathered blocks ``[B, P]`` (``axis=0``); each block's terms
+    are summed in order."""
+    d = _terms(wb, np.expand_dims(s, axis), np.expand_dims(z, axis), qmax, c, out)
+    return block_sum(d, axis)  # float32 over one block of B elements: ample precision for comparisons
+
+
+def block_sum(a: np.ndarray, axis: int = 1) -> np.ndarray:
+    """``a.sum(axis)`` added up in the order numpy takes along contiguous memory (pairwise: eight
+    running sums, then a tree; recursive halves past 128 terms), whatever ``a``'s layout.
+
+    Rounding depends on that order, and two shrunk ranges can tie to within it: the previous
+    implementation summed along each block's contiguous run of a transposed torch weight, and
+    these sums keep its picks exactly while the slabs here lie column-contiguous (long, fast inner
+    loops) instead."""
+    n = a.shape[axis]
+
+    def at(i: int | slice) -> np.ndarray:
+        return a[(slice(None),) * axis + (i,)]
+
+    if n < 8:
+        res = np.zeros_like(at(0))
+        for i in range(n):
+            res += at(i)
+        return res
+    if n > 128:
+        half = n // 2
+        half -= half % 8
+        return block_sum(at(slice(0, half)), axis) + block_sum(at(slice(half, n)), axis)
+    r = at(slice(0, 8)).copy()
+    end = n - n % 8
+    for i in range(8, end, 8):
+        r += at(slice(i, i + 8))
+    part = [r[(slice(None),) * axis + (j,)] for j in range(8)]
+    res = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]))
+    for i in range(end, n):
+        res += at(i)
+    return res
+
+
+def _salience(wb: np.ndarray, salience: float) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Per-element error weights ``1 + salience * w^2 / mean_block(w^2)`` (None: all ones), and the
+    factor ``salience / mean`` ``[nblk, 1, N]`` that gives any one element's weight the same way."""
     if salience == 0:
-        return None
+        return None, None
     w2 = np.square(wb)
-    mean = w2.mean(axis=1, keepdims=True)
+    mean = np.expand_dims(block_sum(w2) / np.float32(wb.shape[1]), 1)  # w2.mean(axis=1), summed as above
     mean[mean == 0] = 1.0
-    w2 *= np.float32(salience) / mean
+    factor = np.float32(salience) / mean
+    w2 *= factor
     w2 += 1.0
-    return w2
+    return w2, factor
 
 
-def fit_params(wb: np.ndarray, bits: int, options: HqqOptions = HqqOptions()) -> tuple[np.ndarray, np.ndarray]:
-    """Scale and integer zero point (as float32) ``[nblk, N]`` for blocks ``wb [nblk, B, N]``."""
-    s, z, _ = fit(wb, bits, options)
-    return s, z
+# What rounding can take off a float32 sum of B non-negative terms: at most (B - 1) 2^-24 of it,
+# plus a few roundings of the bound itself; and an absolute margin for values below the normal range.
+_ULP, _TINY = 2.0**-24, np.float32(2.0**-120)
 
 
-def fit(wb: np.ndarray, bits: int, options: HqqOptions = HqqOptions()) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """:func:`fit_params` plus the float32 codes ``[nblk, B, N]`` they were fitted with."""
+@dataclass
+class _Slab:
+    """What the search needs of a slab whatever the bit width (shared by an expert's precisions
+    through ``quantize_hqq``'s ``memo``)."""
+
+    rows: tuple[int, int, int, int]  # (row start, row stop, block start, block stop), as block_slabs
+    wb: np.ndarray  # [nblk, B, N] float32, a view of the contiguous [K, N] weight
+    hi: np.ndarray  # [nblk, N] each block's largest weight
+    lo: np.ndarray  # and smallest
+    weight: np.ndarray | None  # [nblk, B, N] error weights (None: all ones)
+    chi: np.ndarray | None  # [nblk, N] the error weights of hi and lo
+    clo: np.ndarray | None
+    energy: np.ndarray  # [nblk, N] float64 <w, w>, for the unbiasing
+
+    @classmethod
+    def of(cls, wb: np.ndarray, rows: tuple[int, int, int, int], salience: float) -> _Slab:
+        weight, factor = _salience(wb, salience)
+        hi, lo = wb.max(axis=1), wb.min(axis=1)
+        # as _salience computes each element's weight: w^2 * factor + 1
+        chi, clo = (None, None) if factor is None else (np.square(hi) * factor[:, 0] + 1.0,
+                                                        np.square(lo) * factor[:, 0] + 1.0)
+        return cls(rows, wb, hi, lo, weight, chi, clo, np.einsum("bkn,bkn->bn", wb, wb, dtype=np.float64))
+
+
+def _bounds(slab: _Slab, s: np.ndarray, z: np.ndarray, qmax: float) -> np.ndarray:
+    """Lower bounds of the blocks' errors under candidates ``s, z [G, nblk, N]``: the terms of each
+    block's largest and smallest weight (computed as every term is), added (less the slack
+    rounding could take off the whole sum) when they are two elements, else the one."""
+    t_hi, t_lo = _terms(slab.hi, s, z, qmax, slab.chi), _terms(slab.lo, s, z, qmax, slab.clo)
+    both = t_hi + t_lo
+    both *= np.float32(1 - (slab.wb.shape[1] + 4) * _ULP)
+    both -= _TINY
+    return np.where(slab.hi > slab.lo, both, np.maximum(t_hi, t_lo))
+
+
+def fit(wb: np.ndarray | _Slab, bits: int, options: HqqOptions = HqqOptions(),
+        work: _Work | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Scale, integer zero point (as float32) ``[nblk, N]`` and the float32 codes ``[nblk, B, N]``
+    they were fitted with, for blocks ``wb [nblk, B, N]``. ``work``: scratch to reuse."""
+    work = work or _Work()
     qmax = float((1 << bits) - 1)
-    wb = np.asarray(wb, dtype=np.float32)
-    lo0 = np.minimum(wb.min(axis=1), 0.0)
-    hi0 = np.maximum(wb.max(axis=1), 0.0)
-    weight = _salience(wb, options.salience)
+    slab = wb if isinstance(wb, _Slab) else _Slab.of(np.asarray(wb, dtype=np.float32), (0, 0, 0, 0), options.salience)
+    wb, weight = slab.wb, slab.weight
+    lo0, hi0 = np.minimum(slab.lo, 0.0), np.maximum(slab.hi, 0.0)
     best_s, best_z = minmax_params(lo0, hi0, qmax)  # RTN's own parameters: never worse than RTN
-    best_err = _sq_error(wb, best_s, best_z, round_codes(wb, best_s, best_z, qmax), weight)
+    best_err = _sq_error(wb, best_s, best_z, qmax, weight, work.get("d", wb.shape))
 
-    def consider(s: np.ndarray, z: np.ndarray, q: np.ndarray | None = None) -> float:
-        """Keep the better parameters per (block, column); return the total error removed."""
-        err = _sq_error(wb, s, z, round_codes(wb, s, z, qmax) if q is None else q.copy(), weight)
+    def consider(s: np.ndarray, z: np.ndarray, bound: np.ndarray | None) -> float:
+        """Keep the better parameters per (block, column); return the total error removed.
+        ``bound``: lower bounds of the candidate's errors (None: score it everywhere)."""
+        if bound is not None:
+            live = bound < best_err
+            n = int(np.count_nonzero(live))
+            if n == 0:
+                return 0.0
+            if n < live.size // 2:  # score only where the candidate can win (a gather costs a pass)
+                at = np.nonzero(live)
+                cols = wb.transpose(1, 0, 2)[:, at[0], at[1]]  # [B, n]: each block's terms summed in order
+                c = None if weight is None else weight.transpose(1, 0, 2)[:, at[0], at[1]]
+                err = _sq_error(cols, s[at], z[at], qmax, c, axis=0)
+                better = err < best_err[at]
+                at = tuple(a[better] for a in at)
+                err = err[better]
+                gain = float((best_err[at] - err).sum())
+                best_err[at], best_s[at], best_z[at] = err, s[at], z[at]
+                return gain
+        err = _sq_error(wb, s, z, qmax, weight, work.get("d", wb.shape))
         better = err < best_err
         gain = float((best_err[better] - err[better]).sum())
         best_err[better] = err[better]
@@ -111,12 +240,29 @@ def fit(wb: np.ndarray, bits: int, options: HqqOptions = HqqOptions()) -> tuple[
         best_z[better] = z[better]
         return gain
 
-    for shrink in options.grid:
-        if shrink != 1.0:
-            consider(*minmax_params(lo0 * np.float32(shrink), hi0 * np.float32(shrink), qmax))
+    shrinks = np.array([f for f in options.grid if f != 1.0], dtype=np.float32)[:, None, None]
+    if len(shrinks):
+        cand_s, cand_z = minmax_params(lo0 * shrinks, hi0 * shrinks, qmax)  # [G, nblk, N], all at once
+        bounds = _bounds(slab, cand_s, cand_z, qmax) if options.prune else [None] * len(shrinks)
+        for s, z, bound in zip(cand_s, cand_z, bounds, strict=True):
+            consider(s, z, bound)  # in the grid's order: the first of equal errors wins
+    if options.iters:
+        _refine(wb, weight, best_s, best_z, best_err, qmax, options, consider)
+    q = round_codes(wb, best_s, best_z, qmax)
+    if options.unbiased:
+        what = (q - best_z[:, None, :]) * best_s[:, None, :]
+        overlap = np.einsum("bkn,bkn->bn", what, wb, dtype=np.float64)
+        energy = slab.energy
+        with np.errstate(divide="ignore", invalid="ignore"):
+            factor = np.where((overlap > 0) & (energy > 0), energy / overlap, 1.0)
+        best_s = (best_s * factor).astype(np.float32)
+    return best_s, best_z, q
 
+
+def _refine(wb, weight, best_s, best_z, best_err, qmax, options: HqqOptions, consider) -> None:
+    """HQQ's half-quadratic iterations from the range search's best (see the module doc, step 2)."""
     s, z = best_s.copy(), best_z.copy()
-    q = round_codes(wb, s, z, qmax) if options.iters else None
+    q = round_codes(wb, s, z, qmax)
     beta = options.beta
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         for _ in range(options.iters):
@@ -143,36 +289,59 @@ def fit(wb: np.ndarray, bits: int, options: HqqOptions = HqqOptions()) -> tuple[
             s = np.where(ok, s_new, s).astype(np.float32)
             z = np.where(ok, z_new, z).astype(np.float32)
             q = round_codes(wb, s, z, qmax)
-            if consider(s, z, q) <= options.tol * float(best_err.sum()):
+            if consider(s, z, None) <= options.tol * float(best_err.sum()):
                 break  # HQQ's own stopping rule: the error stopped falling
             beta *= options.kappa
-    q = round_codes(wb, best_s, best_z, qmax)
-    if options.unbiased:
-        what = (q - best_z[:, None, :]) * best_s[:, None, :]
-        energy = np.einsum("bkn,bkn->bn", wb, wb, dtype=np.float64)
-        overlap = np.einsum("bkn,bkn->bn", what, wb, dtype=np.float64)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            factor = np.where((overlap > 0) & (energy > 0), energy / overlap, 1.0)
-        best_s = (best_s * factor).astype(np.float32)
-    return best_s, best_z, q
 
 
-def quantize_hqq(w: np.ndarray, bits: int, block_size: int, options: HqqOptions = HqqOptions()) -> QuantizedMatrix:
-    """Quantize ``w [K, N]`` along K in blocks of ``block_size`` with optimised parameters."""
+def fit_params(wb: np.ndarray, bits: int, options: HqqOptions = HqqOptions()) -> tuple[np.ndarray, np.ndarray]:
+    """Scale and integer zero point (as float32) ``[nblk, N]`` for blocks ``wb [nblk, B, N]``."""
+    s, z, _ = fit(wb, bits, options)
+    return s, z
+
+
+def quantize_hqq(w: np.ndarray, bits: int, block_size: int, options: HqqOptions = HqqOptions(),
+                 memo: dict | None = None) -> QuantizedMatrix:
+    """Quantize ``w [K, N]`` along K in blocks of ``block_size`` with optimised parameters.
+
+    ``memo``: a dict kept for this matrix across calls at other bit widths, which then share the
+    work that does not depend on them (the contiguous copy of a transposed ``w``, each block's
+    extremes, error weights and energy)."""
     if bits not in SUPPORTED_BITS:
         raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
     if w.ndim != 2:
         raise ValueError(f"expected a 2-D [K, N] matrix, got shape {w.shape}")
     K, N = w.shape
+    key = ("hqq slabs", block_size, options.salience)
+    slabs = None if memo is None else memo.get(key)
+    if slabs is None:
+        slabs = _prepare(w, block_size, options.salience)
+        if memo is not None:
+            memo[key] = slabs
     nb = -(-K // block_size)
     q = np.empty((K, N), dtype=np.uint8)
     scale = np.empty((nb, N), dtype=np.float32)
     zero_point = np.empty((nb, N), dtype=np.uint8)
-    for r0, r1, b0, b1 in block_slabs(K, block_size, N):
-        nblk = b1 - b0
-        wb = np.asarray(w[r0:r1], dtype=np.float32).reshape(nblk, (r1 - r0) // nblk, N)
-        s, z, codes = fit(wb, bits, options)
+    work = _Work()
+    for slab in slabs:
+        r0, r1, b0, b1 = slab.rows
+        s, z, codes = fit(slab, bits, options, work)
         q[r0:r1] = codes.reshape(r1 - r0, N)
         scale[b0:b1] = s
         zero_point[b0:b1] = z
     return QuantizedMatrix(q=q, scale=scale, zero_point=zero_point, bits=bits, block_size=block_size, K=K, N=N)
+
+
+def _prepare(w: np.ndarray, block_size: int, salience: float) -> list[_Slab]:
+    """``w [K, N]`` in cache-sized slabs of whole blocks (and the short last block alone)."""
+    K, N = w.shape
+    w_kn = c_order(np.asarray(w, dtype=np.float32))  # a transposed torch weight: one strip-wise copy
+    per_slab = max(1, SLAB_ELEMS // (block_size * N))
+    out = []
+    for r0, r1, b0, b1 in block_slabs(K, block_size, N):
+        for c0 in range(b0, b1, per_slab):  # block_slabs' slabs are 16 MiB: split them for the cache
+            c1 = min(b1, c0 + per_slab)
+            rows = (r0 + (c0 - b0) * block_size, min(r1, r0 + (c1 - b0) * block_size), c0, c1)
+            wb = w_kn[rows[0]:rows[1]].reshape(c1 - c0, (rows[1] - rows[0]) // (c1 - c0), N)
+            out.append(_Slab.of(wb, rows, salience))
+    return out

@@ -23,7 +23,7 @@ import numpy as np
 from dymoe.bundle.precisions import BITS
 
 from .blockquant import QuantizedMatrix, dequantize, quantize_rtn
-from .expert_graph import reference_forward, silu
+from .expert_graph import reference_forward, silu, weight_kn
 from .gptq import GptqOptions, inverse_factor, quantize_gptq
 from .hqq import HqqOptions, quantize_hqq
 from .options import GPTQ_MIN_TOKENS, QUANTIZER, QUANTIZERS
@@ -83,11 +83,12 @@ class RoutedInputs:
 
 
 def _one(w_kn: np.ndarray, bits: int, block_size: int, how: str, options: QuantizerOptions,
-         hessian: np.ndarray | None = None, factor: np.ndarray | None = None) -> QuantizedMatrix:
+         hessian: np.ndarray | None = None, factor: np.ndarray | None = None, memo: dict | None = None
+         ) -> QuantizedMatrix:
     if how == "rtn":
         return quantize_rtn(w_kn, bits, block_size)
     if how == "hqq":
-        return quantize_hqq(w_kn, bits, block_size, options.hqq)
+        return quantize_hqq(w_kn, bits, block_size, options.hqq, memo)
     return quantize_gptq(w_kn, bits, block_size, hessian, options.gptq, factor)
 
 
@@ -99,12 +100,14 @@ def gram(x: np.ndarray) -> np.ndarray:
 
 
 def quantize_expert(gate: np.ndarray, up: np.ndarray, down: np.ndarray, precision: str, block_size: int,
-                    options: QuantizerOptions, inputs: np.ndarray | RoutedInputs | None = None) -> ExpertQuant:
+                    options: QuantizerOptions, inputs: np.ndarray | RoutedInputs | None = None,
+                    memo: dict | None = None) -> ExpertQuant:
     """Quantize one expert (torch-layout weights) to ``precision`` (int8 / int4 / int2).
 
     ``inputs`` are the expert's routed hidden states ``[T, H]`` (required for gptq to run; without
     them or with too few rows gptq falls back to hqq); pass the same :class:`RoutedInputs` for all
-    precisions of an expert to share its factorisation.
+    precisions of an expert to share its factorisation. Likewise ``memo``, a dict kept for the
+    expert's weights across its precisions, shares what hqq derives from them.
     """
     bits = BITS[precision]
     if inputs is not None and not isinstance(inputs, RoutedInputs):
@@ -115,7 +118,8 @@ def quantize_expert(gate: np.ndarray, up: np.ndarray, down: np.ndarray, precisio
         how = FALLBACK
         note = (f"gptq fell back to {FALLBACK}: {tokens or 0} routed calibration tokens "
                 f"< {options.min_tokens} (--gptq-min-tokens)")
-    g_kn, u_kn, d_kn = (np.asarray(w, dtype=np.float32).T for w in (gate, up, down))
+    memos = {p: None if memo is None else memo.setdefault(p, {}) for p in ("gate", "up", "down")}
+    g_kn, u_kn, d_kn = (weight_kn(w, memos[p]) for p, w in (("gate", gate), ("up", up), ("down", down)))
     if how == "gptq":
         x, hs = inputs.x, inputs.gram()
         factor = None if options.gptq.act_order else inputs.factor(options.gptq.damp)  # act order permutes first
@@ -124,7 +128,8 @@ def quantize_expert(gate: np.ndarray, up: np.ndarray, down: np.ndarray, precisio
         act = silu(x @ dequantize(mats["gate"])) * (x @ dequantize(mats["up"]))  # [T, I] as served
         mats["down"] = _one(d_kn, bits, block_size, how, options, gram(act))
     else:
-        mats = {p: _one(w, bits, block_size, how, options) for p, w in (("gate", g_kn), ("up", u_kn), ("down", d_kn))}
+        mats = {p: _one(w, bits, block_size, how, options, memo=memos[p])
+                for p, w in (("gate", g_kn), ("up", u_kn), ("down", d_kn))}
     err = None
     if tokens:
         err = routed_output_error(inputs.x, gate, up, down, mats)

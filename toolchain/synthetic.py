@@ -3,6 +3,10 @@
 Real checkpoints cannot be downloaded in CI, but export throughput, memory and runtime
 behaviour depend on tensor shapes, not on trained values. Weights are seeded Gaussians
 (std 0.02, norms 1); the tokenizer is a word-level vocabulary ``w0 .. w{V-1}``.
+
+A layer's tensors go into one shard (``model-layerNNN.safetensors``) unless they pass
+``SHARD_BYTES``; then its experts continue in ``model-layerNNN-MMM.safetensors``, so writing a
+Qwen3-30B-A3B-sized layer (1.2 GB of bf16 experts) never holds it all as float32.
 """
 
 from __future__ import annotations
@@ -13,6 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from dymoe.bundle.safetensors_io import write_safetensors
+
+SHARD_BYTES = 256 * 2**20  # of float32 in memory before a shard is written
+LAYOUTS = ("mixtral", "qwen3_moe")
 
 
 def write_synthetic_checkpoint(
@@ -32,16 +39,19 @@ def write_synthetic_checkpoint(
     model_type: str = "mixtral",
     head_dim: int | None = None,
 ) -> Path:
-    """Write config.json, one safetensors shard per layer plus the index, and tokenizer.json.
-    ``model_type`` ``qwen3_moe`` adds Qwen3's per-head q/k norms and explicit ``head_dim``."""
-    if model_type not in ("mixtral", "qwen3_moe"):
-        raise ValueError(f"synthetic checkpoints are mixtral or qwen3_moe, not {model_type!r}")
+    """Write config.json, the safetensors shards plus their index, and tokenizer.json.
+
+    ``model_type`` picks the tensor names and config keys (``mixtral`` or ``qwen3_moe``, which has
+    q/k norms per head and may set ``head_dim`` independently of ``hidden // heads``)."""
+    if model_type not in LAYOUTS:
+        raise ValueError(f"model_type must be one of {LAYOUTS}, got {model_type!r}")
+    qwen = model_type == "qwen3_moe"
+    if head_dim is not None and not qwen:
+        raise ValueError("head_dim is a qwen3_moe setting; mixtral's is hidden // heads")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     head_dim = head_dim or hidden // heads
-    qwen = model_type == "qwen3_moe"
-    moe, names = ("mlp.", ("gate_proj", "up_proj", "down_proj")) if qwen else ("block_sparse_moe.", ("w1", "w3", "w2"))
 
     def w(*shape: int) -> np.ndarray:
         return (rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(np.float32)
@@ -55,6 +65,7 @@ def write_synthetic_checkpoint(
     shard("model-top.safetensors", {"model.embed_tokens.weight": w(vocab, hidden),
                                     "model.norm.weight": np.ones(hidden, np.float32),
                                     "lm_head.weight": w(vocab, hidden)})
+    moe, names = ("mlp", ("gate_proj", "up_proj", "down_proj")) if qwen else ("block_sparse_moe", ("w1", "w3", "w2"))
     for layer in range(layers):
         p = f"model.layers.{layer}."
         t = {p + "input_layernorm.weight": np.ones(hidden, np.float32),
@@ -63,31 +74,39 @@ def write_synthetic_checkpoint(
              p + "self_attn.k_proj.weight": w(kv_heads * head_dim, hidden),
              p + "self_attn.v_proj.weight": w(kv_heads * head_dim, hidden),
              p + "self_attn.o_proj.weight": w(hidden, heads * head_dim),
-             p + moe + "gate.weight": w(experts, hidden)}
+             f"{p}{moe}.gate.weight": w(experts, hidden)}
         if qwen:
             t |= {p + "self_attn.q_norm.weight": np.ones(head_dim, np.float32),
                   p + "self_attn.k_norm.weight": np.ones(head_dim, np.float32)}
+        name, part = f"model-layer{layer:03d}.safetensors", 0
         for e in range(experts):
-            q = f"{p}{moe}experts.{e}."
-            t[q + names[0] + ".weight"] = w(intermediate, hidden)
-            t[q + names[1] + ".weight"] = w(intermediate, hidden)
-            t[q + names[2] + ".weight"] = w(hidden, intermediate)
-        shard(f"model-layer{layer:03d}.safetensors", t)
+            q = f"{p}{moe}.experts.{e}."
+            t[q + f"{names[0]}.weight"] = w(intermediate, hidden)
+            t[q + f"{names[1]}.weight"] = w(intermediate, hidden)
+            t[q + f"{names[2]}.weight"] = w(hidden, intermediate)
+            if e + 1 < experts and sum(a.nbytes for a in t.values()) >= SHARD_BYTES:
+                shard(name, t)
+                part += 1
+                name, t = f"model-layer{layer:03d}-{part:03d}.safetensors", {}
+        shard(name, t)
         del t
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     config = {
-        "model_type": "mixtral", "architectures": ["MixtralForCausalLM"], "hidden_size": hidden,
-        "intermediate_size": intermediate, "num_local_experts": experts, "num_experts_per_tok": top_k,
-        "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
-        "vocab_size": vocab, "max_position_embeddings": max_position_embeddings, "rms_norm_eps": 1e-5,
+        "model_type": model_type, "architectures": ["Qwen3MoeForCausalLM" if qwen else "MixtralForCausalLM"],
+        "hidden_size": hidden, "num_experts_per_tok": top_k, "num_hidden_layers": layers,
+        "num_attention_heads": heads, "num_key_value_heads": kv_heads, "vocab_size": vocab,
+        "max_position_embeddings": max_position_embeddings, "rms_norm_eps": 1e-5 if not qwen else 1e-6,
         "rope_theta": 1e6, "hidden_act": "silu", "tie_word_embeddings": False, "sliding_window": None,
         "bos_token_id": None, "eos_token_id": None,
         "torch_dtype": {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}[dtype],
     }
     if qwen:
-        config |= {"model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"], "num_experts": experts,
-                   "moe_intermediate_size": intermediate, "head_dim": head_dim, "norm_topk_prob": True}
-        del config["num_local_experts"]
+        config |= {"head_dim": head_dim,
+                   "num_experts": experts, "moe_intermediate_size": intermediate,
+                   "intermediate_size": 8 * intermediate, "norm_topk_prob": True, "decoder_sparse_step": 1,
+                   "mlp_only_layers": [], "attention_bias": False}
+    else:
+        config |= {"intermediate_size": intermediate, "num_local_experts": experts}
     (folder / "config.json").write_text(json.dumps(config, indent=1))
     write_word_tokenizer(folder / "tokenizer.json", vocab)
     return folder

@@ -22,11 +22,11 @@ def write_model(out: Path, rel: str, model) -> dict:
 
 
 def write_expert(out: Path, rel: str, gate, up, down, precision: str, block_size: int, quantizer: QuantizerOptions,
-                 name: str, inputs=None, fmt: str | None = None) -> dict:
+                 name: str, inputs=None, fmt: str | None = None, memo: dict | None = None) -> dict:
     """Quantize (for an integer precision), build and atomically write one expert variant in format
     ``fmt`` (default: the portable one of its precision); return its journal entry: file size and
-    sha256, errors, and what quantized it."""
-    v = build_variant(gate, up, down, precision, block_size, quantizer, name, inputs, fmt)
+    sha256, errors, and what quantized it. ``memo``: see :func:`forms.build_variant`."""
+    v = build_variant(gate, up, down, precision, block_size, quantizer, name, inputs, fmt, memo)
     entry = write_model(out, rel, v.model)
     entry.update(weight_rel_error=float(v.stats.weight_rel_error), output_rel_error=float(v.stats.output_rel_error))
     if v.quantizer:

@@ -13,6 +13,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 
 PR_SET_PDEATHSIG = 1
@@ -39,6 +40,13 @@ def _die_with_parent(parent: int) -> None:
     threading.Thread(target=watch, name="dymoe-parent-watch", daemon=True).start()
 
 
-def worker_pool(workers: int) -> ProcessPoolExecutor:
-    """A process pool whose workers exit when this process dies, however it dies."""
-    return ProcessPoolExecutor(max_workers=workers, initializer=_die_with_parent, initargs=(os.getpid(),))
+def _start(parent: int, setup: Callable[[], object] | None) -> None:
+    _die_with_parent(parent)
+    if setup is not None:
+        setup()
+
+
+def worker_pool(workers: int, setup: Callable[[], object] | None = None) -> ProcessPoolExecutor:
+    """A process pool whose workers exit when this process dies, however it dies; each worker runs
+    ``setup()`` (a module-level function or a partial of one) before its first task."""
+    return ProcessPoolExecutor(max_workers=workers, initializer=_start, initargs=(os.getpid(), setup))
