@@ -25,6 +25,8 @@ class Reporter:
         self._first: float | None = None
         self._last_line = 0.0
         self._last_what = ""
+        self._piece = 0.0  # when the piece of work being reported started
+        self._total = self._done = -1
 
     def __enter__(self) -> Reporter:
         if self.terminal:
@@ -50,10 +52,20 @@ class Reporter:
         # as work moves on, e.g. "bench: round 2/3, lru"), quiet for short commands
         now = time.monotonic()
         self._first = self._first if self._first is not None else now
+        if total != self._total or done < self._done:  # a new piece of work: its own clock for the estimate
+            self._piece = now
+        self._total, self._done = total, done
         due = now - self._first >= QUIET_S and now - self._last_line >= LOG_EVERY_S
         if due or (done >= total and self._last_line > 0 and what != self._last_what):
             self._last_line, self._last_what = now, what
-            self.console.print(f"{what}: {done}/{total} ({now - self._first:.0f} s)", highlight=False)
+            self.console.print(f"{what}: {done}/{total} ({_times(now - self._piece, done, total)})", highlight=False)
+
+
+def _times(elapsed: float, done: int, total: int) -> str:
+    """Elapsed seconds, and a naive estimate of what is left (steps taken so far at the same pace)."""
+    if 0 < done < total:
+        return f"{elapsed:.0f} s, about {elapsed / done * (total - done):.0f} s left"
+    return f"{elapsed:.0f} s"
 
 
 def reporter(console: Console) -> Reporter:
