@@ -347,7 +347,8 @@ PolicyConfigOpt = Annotated[Path | None, typer.Option(help="TOML file with polic
 LadderOpt = Annotated[str | None, typer.Option(help="Precision ladder, e.g. 4/2, 4/0, 8/4/2, fp16/4/0.")]
 RetentionOpt = Annotated[float | None, typer.Option(help="r: share of selected experts kept at the top step.")]
 ScheduleOpt = Annotated[str | None, typer.Option(help="Depth schedule of r: constant, cosine, calibrated.")]
-EvictionOpt = Annotated[str | None, typer.Option(help="lru, or priority (frequency + calibration priors).")]
+EvictionOpt = Annotated[str | None, typer.Option(
+    help="lru; priority (frequency + calibration priors); or reuse (longest expected reuse distance first).")]
 PrefetchOpt = Annotated[int | None, typer.Option(help="Look-ahead depth in layers (0, 1, 2).")]
 RenormalizeOpt = Annotated[bool | None, typer.Option(
     "--renormalize/--no-renormalize", help="Rescale kept experts' weights when some are skipped.")]

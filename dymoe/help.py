@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import inspect
 
-import click
 from typer.core import TyperCommand
 
 
@@ -42,7 +41,7 @@ class Command(TyperCommand):
     def __init__(self, *args, help: str | None = None, **kwargs) -> None:
         super().__init__(*args, help=reflow(help), **kwargs)
 
-    def collect_usage_pieces(self, ctx: click.Context) -> list[str]:
+    def collect_usage_pieces(self, ctx) -> list[str]:
         pieces = [self.options_metavar] if self.options_metavar else []
         for param in self.get_params(ctx):
             if param.param_type_name != "argument":  # Typer's arguments are not click.Argument instances
