@@ -816,6 +816,9 @@ def _demo_heldout_if_demo(bundle: Path) -> Path | None:
 def demo(
     model: Annotated[Path | None, typer.Option(help="Run the demo on another checkpoint folder instead.")] = None,
     budget: Annotated[str, typer.Option(help="Expert memory budget for the demo.")] = DEMO_BUDGET,
+    widen: Annotated[int | None, typer.Option(
+        min=2, metavar="K", help="Run on the shipped model widened K times (experts K times larger, same function "
+                                 "and routing), built once: a more realistic expert size, e.g. --widen 8.")] = None,
 ) -> None:
     """The main job on the model that ships with dymoe: LRU vs DyMoE.
 
@@ -823,12 +826,13 @@ def demo(
     offloading, then compares LRU offloading with DyMoE at that budget over several runs and
     says what the numbers mean. No download needed; about a minute on 2 cores.
 
-    Example:
+    Examples:
       dymoe demo
+      dymoe demo --widen 8
     """
     from dymoe.demo import run_demo
 
-    run_demo(out, err, model=model, budget=budget, progress_scope=lambda: reporter(err))
+    run_demo(out, err, model=model, budget=budget, progress_scope=lambda: reporter(err), widen=widen)
 
 
 @command()

@@ -26,6 +26,10 @@ DEMO_PROMPT = "The for statement is used to"
 DEMO_BENCH_PROMPTS = ("The for statement is used to", "Open the file and return")
 DEMO_REPEATS = 4  # rounds: 8 runs per policy, enough for the paired comparison to hold from run to run
 DEMO_WINDOWS = 3  # held-out windows of 64 tokens scored per policy
+# dymoe demo --widen K: the same model with experts K times larger (toolchain/widen.py)
+WIDEN_SUGGESTED = 8  # 584 KiB experts at fp16; its export takes about half a minute on 2 cores
+WIDENED_PRECISIONS = ("fp16", "int4", "int2")
+WIDENED_REPEATS = 2  # larger experts make each run slower: 4 runs per policy
 DEMO_STORAGE = "orin-nano-nvme"  # emulated, with --io direct: loads cost what they would on a Jetson
 
 
@@ -84,6 +88,32 @@ def ensure_demo_bundle(model: Path | None = None, progress: ProgressFn | None = 
     return out
 
 
+def ensure_widened_bundle(factor: int, progress: ProgressFn | None = None) -> Path:
+    """The shipped model widened ``factor`` times (``toolchain/widen.py``: every expert neuron
+    copied, so the function and the trained routing are unchanged and the experts are ``factor``
+    times larger), exported once with rtn at fp16/int4/int2, the quickest export that still gives
+    LRU a full precision and dymoe its 4/2 ladder. The float32 checkpoint in between is deleted."""
+    import os
+    import shutil
+
+    from dymoe.bundle.naming import MANIFEST_NAME
+    from dymoe.toolchain.export import export
+    from dymoe.toolchain.options import ExportOptions
+    from dymoe.toolchain.widen import widen_checkpoint
+
+    source = demo_model_dir()
+    base = demo_bundle_dir(source).parent / f"widened-k{factor}-{_digest(source)}"
+    out = base / "bundle"
+    if not (out / MANIFEST_NAME).is_file():
+        ckpt = base / "checkpoint"
+        shutil.rmtree(ckpt, ignore_errors=True)  # rebuilt whole (a second): a half-written one is never read
+        widen_checkpoint(source, ckpt, factor)
+        export(str(ckpt), out, ExportOptions(precisions=WIDENED_PRECISIONS, quantizer="rtn",
+                                             workers=min(2, os.cpu_count() or 1), progress=progress))
+        shutil.rmtree(ckpt, ignore_errors=True)
+    return out
+
+
 def _short(path: Path) -> str:
     """A path as a reader types it: the home folder as ``~`` (the cache path is long)."""
     home = str(Path.home())
@@ -91,7 +121,7 @@ def _short(path: Path) -> str:
 
 
 def run_demo(console, err, model: Path | None = None, budget: str = DEMO_BUDGET, max_new_tokens: int = 48,
-             progress_scope=None, repeats: int = DEMO_REPEATS) -> dict:
+             progress_scope=None, repeats: int | None = None, widen: int | None = None) -> dict:
     """The whole demo; returns what it measured (for tests). ``progress_scope()`` gives a context
     manager yielding a progress listener; it is entered only around work with nothing else to show
     (exporting, comparing), never while the generated text streams to stdout."""
@@ -108,11 +138,14 @@ def run_demo(console, err, model: Path | None = None, budget: str = DEMO_BUDGET,
     from dymoe.runtime.model_session import open_model
     from dymoe.runtime.policy_config import PolicyRun
 
+    if widen is not None and model is not None:
+        raise DymoeError("--widen widens the shipped demo model, not --model", "drop one of them")
     scope = progress_scope or (lambda: contextlib.nullcontext(None))
     folder = Path(model) if model else demo_model_dir()
+    repeats = repeats or (WIDENED_REPEATS if widen else DEMO_REPEATS)
     t0 = time.perf_counter()
     with scope() as progress:
-        bundle = ensure_demo_bundle(model, progress=progress)
+        bundle = ensure_widened_bundle(widen, progress) if widen else ensure_demo_bundle(model, progress=progress)
     took = time.perf_counter() - t0
     m = read_manifest(bundle)
     s = m.model
@@ -122,7 +155,9 @@ def run_demo(console, err, model: Path | None = None, budget: str = DEMO_BUDGET,
     say = functools.partial(err.print, highlight=False, soft_wrap=False)  # prose wraps at words, not mid-word
     say(f"[bold]dymoe demo[/]: {s.model_type}, {s.num_layers} layers x {s.num_experts} experts, top-{s.top_k}: "
               f"{n_experts} experts of {on_disk / n_experts / 1024:.0f} KiB each at {fp}."
-              + (" A toy model: times are milliseconds, and they show the mechanism, not a device's speed."
+              + (f" The shipped demo model widened {widen} times: the same function and trained routing, "
+                 f"experts {widen} times larger (Qwen3-30B-A3B's are 9 MiB)." if widen else
+                 " A toy model: times are milliseconds, and they show the mechanism, not a device's speed."
                  if model is None else ""))
     say(f"bundle: {_short(bundle)} ({'exported in ' + f'{took:.1f} s' if took > 1 else 'reused'})")
 
@@ -162,6 +197,9 @@ def run_demo(console, err, model: Path | None = None, budget: str = DEMO_BUDGET,
     console.print(medians_note(bench), highlight=False, soft_wrap=False)
     console.print("\n[bold]What this shows[/]")
     console.print(bullets(conclusion(bench, s.top_k * len(s.moe_layers))), highlight=False)
+    if not widen and model is None:
+        say(f"\nWith experts {WIDEN_SUGGESTED} times larger and the same trained routing: dymoe demo --widen "
+            f"{WIDEN_SUGGESTED} (builds that model once, about half a minute on 2 cores).")
     return {"bundle": str(bundle), "generation": metrics, "bench": bench}
 
 
