@@ -22,6 +22,7 @@ class Reporter:
         self.terminal = console.is_terminal if terminal is None else terminal
         self._bar: Progress | None = None
         self._tasks: dict[str, int] = {}
+        self._shown: int | None = None  # the task on screen
         self._first: float | None = None
         self._last_line = 0.0
         self._last_what = ""
@@ -43,10 +44,12 @@ class Reporter:
         if self._bar is not None:
             task = self._tasks.get(what)
             if task is None:
-                for old in self._tasks.values():  # one line at a time: the newest piece of work
-                    self._bar.update(old, visible=False)
                 task = self._tasks[what] = self._bar.add_task(what, total=total)
-            self._bar.update(task, completed=done, total=total)
+            if task != self._shown:  # one line at a time: the newest piece of work, shown again if it comes back
+                if self._shown is not None:
+                    self._bar.update(self._shown, visible=False)
+                self._shown = task
+            self._bar.update(task, completed=done, total=total, visible=True)
             return
         # plain lines: one stream for all the work of a command, throttled as a whole (labels change
         # as work moves on, e.g. "bench: round 2/3, lru"), quiet for short commands

@@ -66,3 +66,13 @@ def test_a_new_piece_of_work_restarts_the_estimate(monkeypatch):
     assert bench, buf.getvalue()
     left = float(bench[0].split("about ")[1].split(" s left")[0])
     assert left <= 30  # not inflated by the export's pace
+
+
+def test_on_a_terminal_the_bar_shows_the_work_being_done(monkeypatch):
+    buf = io.StringIO()
+    report = Reporter(Console(file=buf, width=80, force_terminal=True), terminal=True)
+    with report:
+        for what in ("export", "bench", "export"):  # work that comes back after another is shown again
+            report(what, 1, 2)
+        visible = [t.description for t in report._bar.tasks if t.visible]
+    assert visible == ["export"]
