@@ -10,12 +10,17 @@ setup: $(STAMP)
 
 # torch==2.13.0 first: pip takes the CPU wheel kept on this machine's disk; a bare `torch`
 # requirement would pull a multi-GB CUDA build. torch is a test/dev dependency only.
+# The editable install's one remaining notice ("Editable installation ... be careful with folders
+# named like your package") is setuptools informing, not a problem of this project: it is filtered
+# so that set-up prints nothing unless something is wrong.
 $(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev,hub,report,serve]'
-	touch $(STAMP)
+	@echo "set-up: $(VENV) with dymoe and its test tools (once, about a minute)"
+	@$(PYTHON) -m venv $(VENV)
+	@$(BIN)/pip install -q --upgrade pip
+	@$(BIN)/pip install -q torch==2.13.0
+	@PYTHONWARNINGS="ignore:Editable installation" $(BIN)/pip install -q -e '.[dev,hub,report,serve]'
+	@touch $(STAMP)
+	@echo "set-up: done"
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -35,7 +35,7 @@ from dymoe.runtime.bench_plots import write_plots
 from dymoe.runtime.policy_config import PolicyRun
 from dymoe.tables import print_tables
 from dymoe.toolchain.export import export
-from dymoe.toolchain.options import ExportOptions
+from dymoe.toolchain.options import BACKBONE_PRECISION, ExportOptions
 from dymoe.toolchain.synthetic import write_synthetic_checkpoint
 
 POLICIES = "ondemand,lru,lru-prefetch,static-int4,static-int2,dymoe"
@@ -53,7 +53,8 @@ def bundle_for(model: str, factor: int = 64, seed: int = 0) -> tuple[Path, Path 
         src = CACHE / f"demo_widened_k{factor}_s{seed}"
         if not (src / "config.json").exists():
             widen_checkpoint(demo_model_dir(), src, factor, seed)
-        out = CACHE / f"bundle_demo_widened_k{factor}_s{seed}"
+        # keyed on the default backbone precision too: a bundle of another one is another model
+        out = CACHE / f"bundle_demo_widened_k{factor}_s{seed}_bb{BACKBONE_PRECISION}"
         if not (out / "manifest.json").exists():
             with reporter(Console(stderr=True)) as progress:
                 export(str(src), out, ExportOptions(precisions=("fp16", "int8", "int4", "int2"), workers=2,

@@ -66,13 +66,15 @@ class CalibrationOptions:
 
     def validate(self) -> CalibrationOptions:
         if self.samples < 1:
-            raise InputError(f"--samples {self.samples} must be at least 1")
+            raise InputError(f"--samples {self.samples} must be at least 1", f"for example --samples {SAMPLES}")
         if self.sensitivity_samples < 1:
-            raise InputError(f"--sensitivity-samples {self.sensitivity_samples} must be at least 1")
+            raise InputError(f"--sensitivity-samples {self.sensitivity_samples} must be at least 1",
+                             "for example --sensitivity-samples 4, or --no-sensitivity to skip that pass")
         if self.seed < 0:
             raise InputError(f"--seed {self.seed} must be a non-negative integer", "for example --seed 0")
         if self.seq_len < 2:
-            raise InputError(f"--seq-len {self.seq_len} must be at least 2 (one token predicts the next)")
+            raise InputError(f"--seq-len {self.seq_len} must be at least 2 (one token predicts the next)",
+                             f"for example --seq-len {SEQ_LEN}")
         if self.inputs_per_expert < 1:
             raise InputError(f"--inputs-per-expert {self.inputs_per_expert} must be at least 1",
                              f"use the default of {INPUTS_PER_EXPERT}, or leave out --collect-inputs")
@@ -82,9 +84,10 @@ class CalibrationOptions:
                      "cosine r_min": self.cosine_r_min, **{f"retention {r}": r for r in self.retentions}}
         for name, value in fractions.items():
             if not 0.0 <= value <= 1.0:
-                raise InputError(f"{name} {value} must lie in [0, 1]")
+                raise InputError(f"{name} {value} must lie in [0, 1]", "a share: use a value from 0 to 1")
         if self.target_kl < 0:
-            raise InputError(f"--target-kl {self.target_kl} must not be negative")
+            raise InputError(f"--target-kl {self.target_kl} must not be negative",
+                             f"for example --target-kl {TARGET_KL}")
         if any(not 0 <= p <= 100 for p in self.percentiles):
-            raise InputError("percentiles must lie in [0, 100]")
+            raise InputError("percentiles must lie in [0, 100]", "use percentiles such as 10, 50, 90")
         return self

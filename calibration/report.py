@@ -153,19 +153,21 @@ def _schedule(plt, cal: Calibration):
 
     layers = list(range(cal.bundle.num_layers))
     k = cal.bundle.top_k
-    fig, ax = plt.subplots(figsize=(6, 3.4))
-    ax.plot(layers, cal.schedule.cosine, "k--", label="cosine decay (paper)")
-    ax.plot(layers, [effective_retention(r, k) for r in cal.schedule.cosine], "k:", drawstyle="steps-mid",
-            label=f"cosine as run (rounded per token, top-{k})")
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    ax.plot(layers, cal.schedule.cosine, "--", color="0.3", label="cosine decay (the paper's r(l))")
+    # what the runtime does with r(l): a whole number of a token's k experts stays high, so the
+    # cosine's realised share is drawn as separate marks on the layers, not as a line of its own
+    ax.plot(layers, [effective_retention(r, k) for r in cal.schedule.cosine], "s", mfc="none", color="0.3", ms=11,
+            zorder=3, label=f"cosine as run: whole experts of the top-{k} kept high")
     lowest = [m for m in cal.settings.modes if m != SKIP][-1:] + [m for m in cal.settings.modes if m == SKIP]
     for mode in lowest:  # the runtime's configurations: critical high, the rest lowest or skipped
-        ax.plot(layers, cal.schedule.recommended[mode], "o-", label=f"recommended, non-critical {mode}")
+        ax.plot(layers, cal.schedule.recommended[mode], "o-", label=f"recommended (the rest at {mode})")
     ax.set_ylim(-0.05, 1.05)
-    ax.set_xlabel("layer")
+    ax.set_xlabel("layer (shallow to deep)")
     ax.set_xticks(layers)
-    ax.set_ylabel("retention r(l)")
-    ax.set_title(f"retention for a mean-KL budget of {cal.schedule.target_kl:g}", fontsize=10)
-    ax.legend(fontsize=7)
+    ax.set_ylabel("share of a token's experts\nkept at high precision")
+    ax.set_title(f"retention r(l) per layer for a mean-KL budget of {cal.schedule.target_kl:g}", fontsize=10)
+    ax.legend(fontsize=7, loc="lower left")
     ax.grid(alpha=0.3)
     return fig
 

@@ -25,6 +25,7 @@ from dymoe.bundle.naming import INPUTS_DIRNAME, REPORT_DIRNAME
 from dymoe.calibration import options as cal_defaults
 from dymoe.console import reporter
 from dymoe.demo import DEMO_BUDGET
+from dymoe.help import Command, reflow
 from dymoe.runtime import options as run_defaults
 from dymoe.serve import options as serve_defaults
 from dymoe.targets import providers as device_defaults
@@ -32,11 +33,15 @@ from dymoe.toolchain import options as export_defaults
 
 app = typer.Typer(
     name="dymoe",
-    help="Run Mixture-of-Experts models on devices whose memory cannot hold them.",
-    no_args_is_help=True,
+    help=reflow("""Run Mixture-of-Experts models on devices whose memory cannot hold them.
+
+    Start with `dymoe demo`: it exports the small model that ships with dymoe and compares LRU
+    offloading with DyMoE under a memory budget. `dymoe COMMAND --help` explains each command."""),
+    invoke_without_command=True,  # bare `dymoe` shows the help and succeeds (see _main)
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+command = functools.partial(app.command, cls=Command)  # reflowed help, MODEL-style usage (dymoe/help.py)
 err = Console(stderr=True, soft_wrap=True)
 
 
@@ -49,9 +54,11 @@ def _version(value: bool) -> None:
 
 
 @app.callback()
-def _main(version: Annotated[bool, typer.Option(
+def _main(ctx: typer.Context, version: Annotated[bool, typer.Option(
         "--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False) -> None:
-    """Run Mixture-of-Experts models on devices whose memory cannot hold them."""
+    if ctx.invoked_subcommand is None:  # asking for nothing is asking what there is: not a usage error
+        print(ctx.get_help())
+        raise typer.Exit()
 
 
 # wide tables stay readable when piped into a file or a CI log
@@ -124,7 +131,7 @@ def _target(device: str, target: str | None, engines: str | None):
     return execution_target(device, target, engines)
 
 
-@app.command()
+@command()
 @friendly
 def export(
     model: Annotated[str, typer.Argument(help="Hugging Face checkpoint folder, or a hub id (needs huggingface_hub).")],
@@ -157,14 +164,16 @@ def export(
              "quantized like the experts; the embedding table and LM head follow, at most int8; norms and routers "
              "stay float32.")] = export_defaults.BACKBONE_PRECISION,
 ) -> None:
-    """Export a checkpoint to a bundle: one ONNX graph per expert and precision, the backbone,
-    the tokenizer and manifest.json. An interrupted export resumes when rerun.
+    """Export a checkpoint to a bundle of per-expert ONNX graphs.
 
-    Example: dymoe export ./Qwen3-30B-A3B --out bundles/qwen3 --precisions fp16,int4,int2 --workers 2
+    One ONNX graph per expert and precision, the backbone, the tokenizer and manifest.json.
+    An interrupted export resumes when the same command is rerun.
 
-    Example: dymoe export ./Qwen3-30B-A3B --out bundles/qwen3-trt --target tensorrt
-
-    Example: dymoe export ./Qwen3-30B-A3B --out bundles/qwen3 --quantizer gptq --calibration-data train.txt
+    Examples:
+      dymoe export ./Qwen3-30B-A3B --out bundles/qwen3 --precisions fp16,int4,int2
+      dymoe export ./Qwen3-30B-A3B --out bundles/qwen3-trt --target tensorrt
+      dymoe export ./Qwen3-30B-A3B --out bundles/qwen3 --quantizer gptq \\
+          --calibration-data train.txt
     """
     from dymoe.pipelines import GptqOptions
     from dymoe.pipelines import export as run_export
@@ -191,7 +200,7 @@ def export(
     err.print(f"wrote {out} ({_mib(total)}, {len(manifest.files)} files) in {time.perf_counter() - t0:.1f} s")
 
 
-@app.command()
+@command()
 @friendly
 def requantize(
     bundle: Annotated[Path, typer.Argument(help="Bundle folder (needs fp16 or fp32 experts to read weights from).")],
@@ -203,13 +212,15 @@ def requantize(
         help="gptq: experts routed fewer calibration tokens fall back to hqq (recorded in the manifest).")
     ] = export_defaults.GPTQ_MIN_TOKENS,
 ) -> None:
-    """Rewrite the low-bit experts of an existing bundle with another quantizer. The bundle stays
-    usable throughout (manifest.json switches in one atomic write); an interrupted run resumes.
+    """Rewrite a bundle's low-bit experts with another quantizer.
 
-    Example: dymoe calibrate bundles/qwen3 --data train.txt --collect-inputs
-             dymoe requantize bundles/qwen3 --quantizer gptq
+    The bundle stays usable throughout (manifest.json switches in one atomic write); an
+    interrupted run resumes when rerun.
 
-    Example: dymoe requantize bundles/qwen3 --quantizer hqq --precisions int4,int2
+    Examples:
+      dymoe calibrate bundles/qwen3 --data train.txt --collect-inputs
+      dymoe requantize bundles/qwen3 --quantizer gptq
+      dymoe requantize bundles/qwen3 --quantizer hqq --precisions int4,int2
     """
     from dymoe.toolchain.options import QUANTIZERS
     from dymoe.toolchain.quantizers import QuantizerOptions
@@ -219,7 +230,7 @@ def requantize(
     if quantizer not in QUANTIZERS:
         raise InputError(f"unknown quantizer {quantizer!r}", f"choose from {', '.join(QUANTIZERS)}")
     if gptq_min_tokens < 1:
-        raise InputError(f"--gptq-min-tokens {gptq_min_tokens} must be at least 1")
+        raise InputError(f"--gptq-min-tokens {gptq_min_tokens} must be at least 1", "for example --gptq-min-tokens 64")
     t0 = time.perf_counter()
     try:
         with reporter(err) as progress:
@@ -237,15 +248,17 @@ def requantize(
     err.print(f"requantized {bundle} with {quantizer} in {time.perf_counter() - t0:.1f} s")
 
 
-@app.command()
+@command()
 @friendly
 def upgrade(bundle: Annotated[Path, typer.Argument(help="Bundle folder written by an older dymoe.")]) -> None:
-    """Bring a bundle written by an older dymoe to the current format in place: schema 1 and 2
-    layer graphs are rebuilt from the weights inside them, a schema 3 bundle only gets a new
-    manifest.json; the experts are kept as they are. Safe to interrupt (rerun to finish); a
-    current bundle is left alone.
+    """Bring a bundle written by an older dymoe to the current format.
 
-    Example: dymoe upgrade ~/.cache/dymoe/demo/bundle-0123abcd
+    In place: schema 1 and 2 layer graphs are rebuilt from the weights inside them, a schema 3
+    bundle only gets a new manifest.json; the experts are kept as they are. Safe to interrupt
+    (rerun to finish); a current bundle is left alone.
+
+    Example:
+      dymoe upgrade ~/.cache/dymoe/demo/bundle-0123abcd
     """
     from dymoe.toolchain.upgrade import upgrade as run_upgrade
 
@@ -256,7 +269,7 @@ def upgrade(bundle: Annotated[Path, typer.Argument(help="Bundle folder written b
               f"{len(m.experts)} experts kept) after {time.perf_counter() - t0:.1f} s")
 
 
-@app.command()
+@command()
 @friendly
 def info(
     bundle: Annotated[Path, typer.Argument(help="Bundle folder.")],
@@ -270,14 +283,14 @@ def info(
         help="With --plan: tokens of KV cache to reserve (default 4096, at most the model's context).")] = None,
     target: TargetOption = None,
 ) -> None:
-    """Summarise a bundle: architecture, layers, experts, sizes and errors per precision; with
-    --plan, how a device's memory would be split.
+    """Summarise a bundle; with --plan, how a device's memory would be split.
 
-    Example: dymoe info bundles/qwen3
+    Architecture, layers, experts, sizes and errors per precision.
 
-    Example: dymoe info bundles/qwen3 --plan --memory 16GB --context 8192
-
-    Example: dymoe info bundles/qwen3 --plan --target orin-nx-16gb
+    Examples:
+      dymoe info bundles/qwen3
+      dymoe info bundles/qwen3 --plan --memory 16GB --context 8192
+      dymoe info bundles/qwen3 --plan --target orin-nx-16gb
     """
     from dymoe.bundle.manifest import read_manifest
 
@@ -385,13 +398,18 @@ PrecisionOpt = Annotated[str | None, typer.Option(
     help="Every expert resident at this precision (default: the bundle's highest). Not with --policy.")]
 PolicyOpt = Annotated[str | None, typer.Option(
     help="Budgeted policy: ondemand, lru, lru-prefetch, static-int4, static-int2, dymoe.")]
-BudgetOpt = Annotated[str, typer.Option(
-    help="Memory for resident experts: a size (600MiB, 1.5GB) or a share of all experts at top precision.")]
+# what a budget may be, said once: a share is of the measured resident cost, not of the files on disk
+BUDGET_FORMS = ("a size (600MiB, 1.5GB) or a share (25%) of what every expert costs resident at full precision, "
+                "as measured on this machine")
+BudgetOpt = Annotated[str | None, typer.Option(
+    help=f"With --policy: memory for resident experts, {BUDGET_FORMS}. [default: {run_defaults.BUDGET}]",
+    show_default=False)]
 PolicyConfigOpt = Annotated[Path | None, typer.Option(help="TOML file with policy settings.")]
 LadderOpt = Annotated[str | None, typer.Option(help="Precision ladder, e.g. 4/2, 4/0, 8/4/2, fp16/4/0.")]
 RetentionOpt = Annotated[float | None, typer.Option(help="r: share of selected experts kept at the top step.")]
 ScheduleOpt = Annotated[str | None, typer.Option(help="Depth schedule of r: constant, cosine, calibrated.")]
-EvictionOpt = Annotated[str | None, typer.Option(help="lru, or priority (frequency + calibration priors).")]
+EvictionOpt = Annotated[str | None, typer.Option(
+    help="lru; priority (frequency + calibration priors); or reuse (longest expected reuse distance first).")]
 PrefetchOpt = Annotated[int | None, typer.Option(help="Look-ahead depth in layers (0, 1, 2).")]
 RenormalizeOpt = Annotated[bool | None, typer.Option(
     "--renormalize/--no-renormalize", help="Rescale kept experts' weights when some are skipped.")]
@@ -406,18 +424,27 @@ EngineCacheOpt = Annotated[str, typer.Option(
     help="Where ORT-optimised expert graphs are kept between loads: auto (user cache), a folder, or off.")]
 
 
-def _policy_plan(precision: str | None, policy: str | None, budget: str, policy_config: Path | None,
+def _policy_plan(precision: str | None, policy: str | None, budget: str | None, policy_config: Path | None,
                  overrides: dict, io: str, storage_profile: str | None, engine_cache: str, target=None):
-    """The budgeted run the options ask for, or None for every expert resident at one precision."""
+    """The budgeted run the options ask for, or None for every expert resident at one precision.
+    A policy setting without --policy (--budget, --ladder, ...) means the dymoe policy: an option
+    given is never ignored."""
     from dymoe.runtime.policy_config import PolicyRun
 
-    if policy is None and (policy_config or any(v is not None for v in overrides.values())):
+    implied = [name for name, v in (("--budget", budget), ("--policy-config", policy_config),
+                                    *((f"--{k.replace('_', '-')}", v) for k, v in overrides.items())) if v is not None]
+    if precision is not None and (policy is not None or implied):
+        given = "--policy" if policy is not None else implied[0]
+        raise DymoeError(f"--precision and {given} exclude each other: --precision keeps every expert resident",
+                         "use --policy static-int4 --budget 25% (budgeted), or --precision int4 alone (all resident)")
+    if policy is None and implied:
         policy = "dymoe"
-    if policy is not None and precision is not None:
-        raise DymoeError("--precision and --policy exclude each other",
-                         "use --policy static-int4 (budgeted) or --precision int4 (all resident)")
+    if policy is not None:
+        from dymoe.runtime.budget import parse_budget
+
+        parse_budget(budget or run_defaults.BUDGET, 1)  # its form now, before any slow step
     return None if policy is None else PolicyRun(
-        policy, budget, policy_config=policy_config, io=io, storage_profile=storage_profile,
+        policy, budget or run_defaults.BUDGET, policy_config=policy_config, io=io, storage_profile=storage_profile,
         engine_cache=None if engine_cache == "off" else engine_cache, overrides=overrides,
         on_note=lambda note: err.print(f"[yellow]warning:[/] {escape(note)}", highlight=False), target=target)
 
@@ -434,7 +461,7 @@ def _read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
     return text[:-2] if text.endswith("\r\n") else text[:-1] if text.endswith("\n") else text
 
 
-@app.command()
+@command()
 @friendly
 def run(
     bundle: Annotated[Path, typer.Argument(help="Bundle folder.")],
@@ -449,7 +476,7 @@ def run(
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
     precision: PrecisionOpt = None,
     policy: PolicyOpt = None,
-    budget: BudgetOpt = run_defaults.BUDGET,
+    budget: BudgetOpt = None,
     policy_config: PolicyConfigOpt = None,
     ladder: LadderOpt = None,
     retention: RetentionOpt = None,
@@ -471,14 +498,15 @@ def run(
     """Generate text from a bundle, streaming it to the terminal.
 
     Without --policy every expert is resident at one precision. With --policy, experts load
-    from storage under --budget, at the precisions the policy chooses.
+    from storage into a cache bounded by --budget, at the precisions the policy chooses.
 
     Examples:
       dymoe run bundles/q3 --prompt "The capital of France is" --max-new-tokens 32
       dymoe run bundles/q3 --prompt-file long_prompt.txt --max-new-tokens 128
-      dymoe run bundles/q3 -p "Once" --policy dymoe --budget 25% --io direct --storage-profile orin-nano-nvme
-      dymoe run bundles/q3 -p "Once" --policy dymoe --ladder 8/4/2 --retention 0.75 --schedule cosine
-      dymoe run bundles/q3-trt -p "Once" --device tensorrt --target orin-nano-8gb --engines auto
+      dymoe run bundles/q3 -p "Once" --policy dymoe --budget 25% --io direct
+      dymoe run bundles/q3 -p "Once" --policy lru --budget 600MiB
+      dymoe run bundles/q3 -p "Once" --ladder 8/4/2 --retention 0.75
+      dymoe run bundles/q3-trt -p "Once" --device tensorrt --target orin-nano-8gb
     """
     from dymoe.bundle.fsutil import check_output_file
     from dymoe.runtime.model_session import open_model
@@ -510,7 +538,7 @@ def run(
         atomic_write_text(metrics_json, json.dumps(metrics, indent=1) + "\n")
 
 
-@app.command()
+@command()
 @friendly
 def serve(
     bundle: Annotated[Path, typer.Argument(help="Bundle folder.")],
@@ -548,7 +576,7 @@ def serve(
     = True,
     precision: PrecisionOpt = None,
     policy: PolicyOpt = None,
-    budget: BudgetOpt = run_defaults.BUDGET,
+    budget: BudgetOpt = None,
     policy_config: PolicyConfigOpt = None,
     ladder: LadderOpt = None,
     retention: RetentionOpt = None,
@@ -562,10 +590,11 @@ def serve(
     storage_profile: StorageProfileOpt = None,
     engine_cache: EngineCacheOpt = run_defaults.ENGINE_CACHE,
 ) -> None:
-    """Serve a bundle over HTTP with OpenAI's API: POST /v1/chat/completions and /v1/completions
-    (streaming or not), GET /v1/models, /health (503 while loading) and /metrics (Prometheus).
+    """Serve a bundle over HTTP with OpenAI's API.
 
-    One generation runs at a time; --queue-size more wait, and further requests get 429 at once.
+    POST /v1/chat/completions and /v1/completions (streaming or not), GET /v1/models, /health
+    (503 while loading) and /metrics (Prometheus). One generation runs at a time; --queue-size
+    more wait, and further requests get 429 at once.
 
     SIGTERM (or Ctrl-C) stops accepting connections, lets running and queued requests finish
     (up to --drain-timeout), and exits. Needs dymoe's "serve" extra (uvicorn, jinja2).
@@ -574,7 +603,7 @@ def serve(
       dymoe serve bundles/q3
       dymoe serve bundles/q3 --policy dymoe --budget 25% --port 8080
       DYMOE_API_KEY=secret dymoe serve bundles/q3 --host 0.0.0.0
-      curl -s localhost:8000/v1/completions -d '{"prompt": "Once", "max_tokens": 16}'
+      curl -s localhost:8000/v1/completions -d '{"prompt": "Once"}'
     """
     from dymoe.serve.options import ServeOptions
     from dymoe.serve.server import serve as run_server
@@ -612,12 +641,12 @@ def _print_run_summary(m: dict) -> None:
                       highlight=False)
 
 
-@app.command()
+@command()
 @friendly
 def bench(
     bundle: Annotated[Path, typer.Argument(help="Bundle folder.")],
     policies: Annotated[str, typer.Option(help="Comma list of policies to compare.")] = run_defaults.BENCH_POLICIES,
-    budget: Annotated[str, typer.Option(help="Expert memory budget (size or %% of full-precision experts).")]
+    budget: Annotated[str, typer.Option(help=f"Expert memory budget: {BUDGET_FORMS}.")]
     = run_defaults.BENCH_BUDGET,
     sweep_budget: Annotated[str | None, typer.Option(help="Comma list of budgets to repeat the comparison at.")]
     = None,
@@ -642,14 +671,17 @@ def bench(
     target: TargetOption = None,
     engines: EnginesOption = None,
 ) -> None:
-    """Compare policies side by side: TTFT, TPOT, stall, bytes read, hit rate, prefetch recall,
-    peak RSS, and held-out perplexity with top-1 agreement against the fp32 reference.
+    """Compare budgeted policies side by side: speed beside accuracy.
 
-    Runs are interleaved (A B C A B C ...) after a warm-up, each with a fresh cache; medians.
+    TTFT, TPOT, stall, bytes read, hit rate, prefetch recall and peak RSS, with a cold cache
+    (first prompt) and a warm one (the next prompt); held-out perplexity and top-1 agreement
+    with the reference (fp32 when the bundle has it, else its highest precision). Runs are
+    interleaved (A B C A B C ...) after a warm-up, each with a fresh cache; medians.
 
     Examples:
-      dymoe bench B --policies ondemand,lru,lru-prefetch,static-int4,dymoe --budget 25% --io direct
-      dymoe bench B --sweep-budget 15%,25%,50%,100% --storage-profile orin-nano-nvme --plot results/
+      dymoe bench B --policies ondemand,lru,lru-prefetch,static-int4,dymoe \\
+          --budget 25% --io direct
+      dymoe bench B --sweep-budget 15%,25%,50%,100% --plot results/
       dymoe bench B --device cuda --target orin-nano-8gb --policies lru,dymoe
     """
     from dymoe.bundle.fsutil import check_output_dir, check_output_file
@@ -685,13 +717,13 @@ def bench(
             err.print(f"wrote {path}")
 
 
-@app.command("eval")
+@command("eval")
 @friendly
 def evaluate(
     bundle: Annotated[Path, typer.Argument(help="Bundle folder.")],
     data: Annotated[Path | None, typer.Option(help="Held-out text (default: the demo model's).")] = None,
     policy: Annotated[str | None, typer.Option(help="Evaluate under this budgeted policy.")] = None,
-    budget: Annotated[str, typer.Option(help="Budget for --policy.")] = run_defaults.BUDGET,
+    budget: BudgetOpt = None,
     precision: Annotated[str | None, typer.Option(help="All experts at this precision (default: highest).")]
     = None,
     window: Annotated[int, typer.Option(min=2, help="Tokens per window.")] = 128,
@@ -701,34 +733,38 @@ def evaluate(
     target: TargetOption = None,
     engines: EnginesOption = None,
 ) -> None:
-    """Perplexity on held-out text, and top-1 agreement with the fp32 reference.
+    """Held-out perplexity, and top-1 agreement with the reference.
 
-    With --policy the text is fed token by token, so the policy decides as it does while
-    generating. Examples:
+    The reference is every expert at fp32 when the bundle has it, else at its highest
+    precision. With --policy the text is fed token by token, so the policy decides as it does
+    while generating: slow on long text (use --max-windows).
+
+    Examples:
       dymoe eval B --data heldout.txt
-      dymoe eval B --policy dymoe --budget 25%
+      dymoe eval B --policy dymoe --budget 25% --max-windows 4
       dymoe eval B --precision int4 --device tensorrt --target orin-nano-8gb
     """
     from dymoe.bundle.fsutil import check_output_file, read_user_text
     from dymoe.runtime.bundle import Bundle
-    from dymoe.runtime.evaluate import evaluate
-    from dymoe.runtime.policy_config import PolicyRun
+    from dymoe.runtime.evaluate import evaluate, windows
     from dymoe.runtime.tokenizer import TextTokenizer
 
     if json_out:
         check_output_file(json_out, "--json")
-    if policy is not None and precision is not None:
-        raise InputError("--precision and --policy exclude each other", "choose one")
+    where = _target(device, target, engines)
+    plan = _policy_plan(precision, policy, budget, None, {}, run_defaults.IO, None, run_defaults.ENGINE_CACHE, where)
     if data is None:
         data = _demo_heldout_if_demo(bundle)
         if data is None:
             raise InputError("no --data given and this bundle is not the demo model's", "pass --data FILE")
-    where = _target(device, target, engines)
     text = read_user_text(data, "--data")
     ids = TextTokenizer(Bundle(bundle).tokenizer_path()).encode(text)
+    if plan is not None:  # one decode step per token: minutes on a long text, so say so before starting
+        scored = sum(len(w) - 1 for w in windows(ids, window, max_windows))
+        err.print(f"note: under --policy {plan.policy} the text is fed token by token: {scored:,} decode steps"
+                  + ("" if max_windows else "; --max-windows N scores only the first N windows"), highlight=False)
     with reporter(err) as progress:
-        result = evaluate(bundle, ids, precision=precision, target=where,
-                          policy=PolicyRun(policy, budget, target=where) if policy else None,
+        result = evaluate(bundle, ids, precision=precision, target=where, policy=plan,
                           window=window, max_windows=max_windows, progress=progress)
     r = result.run
     report = {"bundle": str(bundle), "data": str(data), "experts": result.label, "perplexity": r.ppl,
@@ -744,7 +780,7 @@ def evaluate(
         atomic_write_text(json_out, json.dumps(report, indent=1) + "\n")
 
 
-@app.command()
+@command()
 @friendly
 def check(
     bundle: Annotated[Path, typer.Argument(help="Bundle folder.")],
@@ -755,11 +791,13 @@ def check(
     every: Annotated[bool, typer.Option("--all", help="Read every expert graph, not one per MoE layer.")] = False,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the verdicts here.")] = None,
 ) -> None:
-    """Which execution provider (TensorRT, ONNX Runtime CUDA, CPU) can run each precision of a
-    bundle, and why not: its expert graphs are read and checked against TensorRT's INT4 rules
-    and what ONNX Runtime's CUDA provider runs. Needs no GPU.
+    """Which execution provider can run each precision of a bundle, and why.
 
-    Example: dymoe check bundles/qwen3-trt --target orin-nano-8gb
+    The expert graphs are read and checked against TensorRT's INT4 rules and what ONNX
+    Runtime's CUDA provider runs (TensorRT, ONNX Runtime CUDA, CPU). Needs no GPU.
+
+    Example:
+      dymoe check bundles/qwen3-trt --target orin-nano-8gb
     """
     from dymoe.bundle.fsutil import check_output_file
     from dymoe.check_table import print_check
@@ -779,7 +817,7 @@ def check(
         atomic_write_text(json_out, json.dumps(report_json(checks, profile), indent=1) + "\n")
 
 
-@app.command("build-engines")
+@command("build-engines")
 @friendly
 def build_engines(
     bundle: Annotated[Path, typer.Argument(help="Bundle folder (best exported with --target tensorrt).")],
@@ -794,11 +832,14 @@ def build_engines(
         min=0, max=5, help="TensorRT builder optimisation level (higher: longer builds, maybe faster engines).")
     ] = run_defaults.TRT_OPTIMIZATION_LEVEL,
 ) -> None:
-    """Build a TensorRT engine for every expert graph TensorRT runs, on the device itself (needs
-    the tensorrt Python package), into a checksummed engine folder with a shared timing cache.
-    Interrupted builds resume when rerun; dymoe run --device tensorrt --engines DIR loads them.
+    """Build TensorRT engines for a bundle's experts, on the device.
 
-    Example: dymoe build-engines bundles/qwen3-trt --target orin-nano-8gb
+    One engine for every expert graph TensorRT runs (needs the tensorrt Python package), into
+    a checksummed engine folder with a shared timing cache. Interrupted builds resume when
+    rerun; dymoe run --device tensorrt --engines DIR loads them.
+
+    Example:
+      dymoe build-engines bundles/qwen3-trt --target orin-nano-8gb
     """
     from dymoe.bundle.manifest import read_manifest
     from dymoe.runtime.trt_build import TensorRTBuilder, plan, read_timing_cache
@@ -831,29 +872,36 @@ def _demo_heldout_if_demo(bundle: Path) -> Path | None:
     return demo_heldout_for(bundle)
 
 
-@app.command()
+@command()
 @friendly
 def demo(
     model: Annotated[Path | None, typer.Option(help="Run the demo on another checkpoint folder instead.")] = None,
     budget: Annotated[str, typer.Option(help="Expert memory budget for the demo.")] = DEMO_BUDGET,
+    widen: Annotated[int | None, typer.Option(
+        min=2, metavar="K", help="Run on the shipped model widened K times (experts K times larger, same function "
+                                 "and routing), built once: a more realistic expert size, e.g. --widen 8.")] = None,
 ) -> None:
-    """Export the model that ships with dymoe (once; cached), generate under a memory budget,
-    and compare LRU offloading with DyMoE. No download needed.
+    """The main job on the model that ships with dymoe: LRU vs DyMoE.
 
-    Example: dymoe demo
+    Exports the shipped demo model (once; cached), generates under a memory budget that forces
+    offloading, then compares LRU offloading with DyMoE at that budget over several runs and
+    says what the numbers mean. No download needed; about a minute on 2 cores.
+
+    Examples:
+      dymoe demo
+      dymoe demo --widen 8
     """
     from dymoe.demo import run_demo
 
-    with reporter(err) as progress:
-        run_demo(out, err, model=model, budget=budget, progress=progress)
+    run_demo(out, err, model=model, budget=budget, progress_scope=lambda: reporter(err), widen=widen)
 
 
-@app.command()
+@command()
 @friendly
 def calibrate(
     bundle: Annotated[Path, typer.Argument(help="Bundle folder.")],
     more: Annotated[list[Path] | None, typer.Argument(
-        metavar="[PATH...]", show_default=False, help="More data paths, as in --data A B C.")] = None,
+        metavar="PATH", show_default=False, help="More data paths, as after --data.")] = None,
     data: Annotated[list[Path] | None, typer.Option(
         "--data", metavar="PATH [PATH...]", show_default=False,
         help="Plain text, JSON Lines (field 'text') or a folder of them; several may follow --data.")] = None,
@@ -880,13 +928,14 @@ def calibrate(
         metavar="N", help="With --collect-inputs: routed hidden states kept per expert (N), a uniform sample "
                           "of all it received.")] = cal_defaults.INPUTS_PER_EXPERT,
 ) -> None:
-    """Measure expert importance, depth sensitivity and routing predictability on sample text;
-    write calibration.json into the bundle (listed in its manifest) and a report with plots.
+    """Measure a bundle's experts on sample text (calibration.json + report).
 
-    Example: dymoe calibrate bundles/qwen3 --data heldout.txt --samples 64 --report results/calibration
+    Expert importance, depth sensitivity and routing predictability; calibration.json goes
+    into the bundle (listed in its manifest) and a report with plots into --report.
 
-    Example (inputs for GPTQ, from training-like text):
-    dymoe calibrate bundles/qwen3 --data train.txt --no-sensitivity --collect-inputs
+    Examples:
+      dymoe calibrate B --data heldout.txt --samples 64
+      dymoe calibrate B --data train.txt --collect-inputs --no-sensitivity
     """
     from rich import box
 

@@ -22,9 +22,12 @@ class Reporter:
         self.terminal = console.is_terminal if terminal is None else terminal
         self._bar: Progress | None = None
         self._tasks: dict[str, int] = {}
+        self._shown: int | None = None  # the task on screen
         self._first: float | None = None
         self._last_line = 0.0
         self._last_what = ""
+        self._piece = 0.0  # when the piece of work being reported started
+        self._total = self._done = -1
 
     def __enter__(self) -> Reporter:
         if self.terminal:
@@ -41,19 +44,31 @@ class Reporter:
         if self._bar is not None:
             task = self._tasks.get(what)
             if task is None:
-                for old in self._tasks.values():  # one line at a time: the newest piece of work
-                    self._bar.update(old, visible=False)
                 task = self._tasks[what] = self._bar.add_task(what, total=total)
-            self._bar.update(task, completed=done, total=total)
+            if task != self._shown:  # one line at a time: the newest piece of work, shown again if it comes back
+                if self._shown is not None:
+                    self._bar.update(self._shown, visible=False)
+                self._shown = task
+            self._bar.update(task, completed=done, total=total, visible=True)
             return
         # plain lines: one stream for all the work of a command, throttled as a whole (labels change
         # as work moves on, e.g. "bench: round 2/3, lru"), quiet for short commands
         now = time.monotonic()
         self._first = self._first if self._first is not None else now
+        if total != self._total or done < self._done:  # a new piece of work: its own clock for the estimate
+            self._piece = now
+        self._total, self._done = total, done
         due = now - self._first >= QUIET_S and now - self._last_line >= LOG_EVERY_S
         if due or (done >= total and self._last_line > 0 and what != self._last_what):
             self._last_line, self._last_what = now, what
-            self.console.print(f"{what}: {done}/{total} ({now - self._first:.0f} s)", highlight=False)
+            self.console.print(f"{what}: {done}/{total} ({_times(now - self._piece, done, total)})", highlight=False)
+
+
+def _times(elapsed: float, done: int, total: int) -> str:
+    """Elapsed seconds, and a naive estimate of what is left (steps taken so far at the same pace)."""
+    if 0 < done < total:
+        return f"{elapsed:.0f} s, about {elapsed / done * (total - done):.0f} s left"
+    return f"{elapsed:.0f} s"
 
 
 def reporter(console: Console) -> Reporter:

@@ -39,9 +39,11 @@ class GptqOptions:
                 "pass --calibration-data FILE (text or JSON Lines), or export with --quantizer hqq, then run "
                 "dymoe calibrate BUNDLE --data FILE --collect-inputs and dymoe requantize BUNDLE --quantizer gptq")
         if self.min_tokens < 1:
-            raise InputError(f"--gptq-min-tokens {self.min_tokens} must be at least 1")
+            raise InputError(f"--gptq-min-tokens {self.min_tokens} must be at least 1",
+                             "for example --gptq-min-tokens 64")
         if self.inputs_per_expert < 1:
-            raise InputError(f"--inputs-per-expert {self.inputs_per_expert} must be at least 1")
+            raise InputError(f"--inputs-per-expert {self.inputs_per_expert} must be at least 1",
+                             "for example --inputs-per-expert 1024")
         if not set(FLOAT) & set(precisions):
             raise InputError("--quantizer gptq needs a float precision in --precisions: the calibration pass "
                              "runs it, and the integer variants are requantized from it",

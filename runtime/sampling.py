@@ -18,7 +18,8 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.temperature < float("inf"):
-            raise InputError(f"--temperature {self.temperature} must be 0 (greedy) or positive")
+            raise InputError(f"--temperature {self.temperature} must be 0 (greedy) or positive",
+                             "for example --temperature 0.8, or leave it out for greedy decoding")
         if not 0.0 <= self.top_p <= 1.0:
             raise InputError(f"--top-p {self.top_p} must lie in [0, 1]", "1 keeps every token")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:

@@ -1,4 +1,4 @@
-"""Device profiles (``devices/*.toml``): what dymoe needs to know of a board to run on its GPU.
+"""Device profiles (``device_profiles/*.toml``): what dymoe needs to know of a board to run on its GPU.
 
 Memory (all of it, and what is left for dymoe), whether CPU and GPU share it (Jetson: one DRAM,
 so "device memory" and "host memory" are the same budget), storage read speed, the GPU's compute
@@ -84,7 +84,7 @@ class DeviceProfile:
 
 
 def _folder():
-    return resources.files("dymoe.targets") / "devices"
+    return resources.files("dymoe.targets") / "device_profiles"
 
 
 def available_devices() -> list[str]:
@@ -105,8 +105,8 @@ def load_device(name_or_path: str) -> DeviceProfile:
     try:
         profile = from_dict(DeviceProfile, data, label=f"device profile {name_or_path}")
     except BundleError as e:
-        raise InputError(e.message, "compare it with a shipped profile, e.g. dymoe/targets/devices/orin-nano-8gb.toml"
-                         ) from None
+        raise InputError(e.message, "compare it with a shipped profile, e.g. "
+                                    "dymoe/targets/device_profiles/orin-nano-8gb.toml") from None
     problems = profile_problems(profile)
     if problems:
         raise InputError(f"device profile {name_or_path}: {problems[0]}", "fix the file")

@@ -64,7 +64,10 @@ def test_bench_json_has_every_metric_and_raw_ratios(tiny_qwen3, heldout, tmp_pat
     assert result["reference"]["precision"] == "fp32"
     assert {p.name for p in plots.iterdir()} == {"front.png", "tpot_vs_perplexity.png", "ttft.png",
                                                  "precision_mix.png"}
-    assert "TPOT x lru" in proc.stdout
+    # the tables: cold and warm per budget, speed-ups over each baseline (headers may wrap)
+    flat = " ".join(proc.stdout.split())  # titles wrap at the terminal's width
+    assert flat.count("warm cache (the next prompt in the same session): speed") == 2
+    assert "x columns: speed-up over that baseline" in flat
 
 
 @pytest.mark.parametrize("policies, budgets, needle", [

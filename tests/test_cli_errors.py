@@ -148,3 +148,24 @@ def test_run_writes_metrics_json(bundle, tmp_path):
     assert m["ttft_s"] > 0 and m["tpot_s"] > 0 and len(m["token_times_s"]) == 4
     assert "TTFT" in proc.stderr and "TPOT" in proc.stderr
     assert proc.stdout.strip() == m["text"].strip()
+
+
+def test_a_budget_is_never_ignored(bundle):
+    # without --policy a budget used to be dropped unread; it now means the dymoe policy, so a bad one is an error
+    assert_clean_error(dymoe("run", bundle, "--prompt", "w1", "--budget", "abc"), "--budget 'abc'")
+    assert_clean_error(dymoe("run", bundle, "--prompt", "w1", "--precision", "int4", "--budget", "50%"),
+                       "--precision and --budget exclude each other")
+    ok = dymoe("run", bundle, "--prompt", "w1", "--budget", "100%", "--max-new-tokens", "2")
+    assert ok.returncode == 0, ok.stderr
+    assert "budget" in ok.stderr and "hit rate" in ok.stderr  # a budgeted run's summary line
+
+
+def test_eval_under_a_policy_says_how_many_steps_it_will_take(bundle, tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(f"w{i % 30}" for i in range(200)))
+    proc = dymoe("eval", bundle, "--data", text, "--budget", "abc")
+    assert_clean_error(proc, "--budget 'abc'")
+    proc = dymoe("eval", bundle, "--data", text, "--policy", "lru", "--window", "16", "--max-windows", "2")
+    assert proc.returncode == 0, proc.stderr
+    assert "token by token: 30 decode steps" in proc.stderr, proc.stderr
+    assert "over 30 tokens" in proc.stdout

@@ -65,7 +65,16 @@ def test_dymoe_demo_runs_and_reuses_its_bundle(tmp_path):
                               timeout=600)
         runs.append(time.perf_counter() - t0)
         assert proc.returncode == 0, proc.stderr[-2000:]
-        assert "what happened" in proc.stdout and "time per output token" in proc.stdout
-        assert "dymoe" in proc.stdout and "lru" in proc.stdout and "perplexity" in proc.stdout
+        assert "time per output token" in proc.stdout and "What this shows" in proc.stdout
+        assert "dymoe" in proc.stdout and "lru" in proc.stdout and "held-out perplexity" in proc.stdout
+        assert "Medians of 8 runs per policy" in proc.stdout  # repeated, and it says so
+        assert "Traceback" not in proc.stderr and "toy model" in proc.stderr
+        assert "dymoe demo --widen 8" in proc.stderr  # where the realistic-size comparison is
     bundles = list((tmp_path / "dymoe" / "demo").glob("bundle-*"))
     assert len(bundles) == 1 and (bundles[0] / "manifest.json").is_file()
+
+
+def test_demo_widen_is_for_the_shipped_model_only(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "dymoe.cli", "demo", "--widen", "8", "--model", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and proc.stderr.startswith("error: --widen"), proc.stderr

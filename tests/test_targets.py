@@ -75,7 +75,7 @@ def test_shipped_profiles(name, jetpack, cuda, tensorrt, python, memory, usable)
     (lambda t: t.replace("memory_gib = 8.0", "memory_gib = 'eight'"), "memory_gib"),
 ])
 def test_a_bad_profile_is_a_clean_error(tmp_path, edit, needle):
-    text = (ROOT / "targets" / "devices" / "orin-nano-8gb.toml").read_text()
+    text = (ROOT / "targets" / "device_profiles" / "orin-nano-8gb.toml").read_text()
     path = tmp_path / "mine.toml"
     path.write_text(edit(text))
     with pytest.raises(InputError, match=needle):

@@ -70,7 +70,8 @@ class Checkpoint:
         try:
             self.config: dict = json.loads(cfg_path.read_text())
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"config.json in {self.folder} is not valid JSON: {e}") from None
+            raise CheckpointError(f"config.json in {self.folder} is not valid JSON: {e}",
+                                  "fix or re-download the checkpoint's config.json") from None
         self._files: dict[str, SafetensorsFile] = {}
         self._where: dict[str, str] = {}
         index = self.folder / "model.safetensors.index.json"

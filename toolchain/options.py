@@ -63,9 +63,10 @@ class ExportOptions:
                 f"choose from {', '.join(ALL_PRECISIONS)}",
             )
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
-            raise InputError(f"--block-size {self.block_size} must be a power of two >= 16")
+            raise InputError(f"--block-size {self.block_size} must be a power of two >= 16",
+                             "for example --block-size 32")
         if self.workers < 1:
-            raise InputError(f"--workers {self.workers} must be at least 1")
+            raise InputError(f"--workers {self.workers} must be at least 1", "for example --workers 2")
         if self.quantizer not in DATA_FREE:
             raise InputError(f"the export quantizes with {' or '.join(DATA_FREE)}, not {self.quantizer!r}",
                              "gptq runs as dymoe export --quantizer gptq --calibration-data FILE")
@@ -77,5 +78,6 @@ class ExportOptions:
             raise InputError(f"unknown --backbone-precision {self.backbone_precision!r}",
                              f"choose from {', '.join(BACKBONE_PRECISIONS)}")
         if self.external_data_bytes < 0:
-            raise InputError(f"external data threshold {self.external_data_bytes} must not be negative")
+            raise InputError(f"external data threshold {self.external_data_bytes} must not be negative",
+                             "give the bytes of tensors a graph file may hold itself (default 1 GiB)")
         return highest_first(self.precisions)
