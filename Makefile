@@ -31,11 +31,11 @@ demo: setup
 lint: setup
 	$(BIN)/ruff check .
 
-# the standard policy comparison on the demo model and a realistic-shape synthetic model;
-# JSON and plots land in results/ (not committed)
+# the standard policy comparison on the demo model widened 64 times (realistic expert sizes, trained
+# routing), budgets 10/15/25/50 %; JSON and plots land in results/ (not committed). About 40 minutes;
+# --model demo or synthetic for the others (benchmarks/runtime_policies.py --help)
 bench: setup
-	$(BIN)/python benchmarks/runtime_policies.py --model demo
-	$(BIN)/python benchmarks/runtime_policies.py --model synthetic
+	$(BIN)/python benchmarks/runtime_policies.py --model widened
 
 bench-export: setup
 	$(BIN)/python benchmarks/export_throughput.py

@@ -37,6 +37,7 @@ from .blockquant import QuantizedMatrix, dequantize, quantize_rtn
 from .expert_graph import MS_DOMAIN, nbits_matmul, qdq_weight
 from .hqq import quantize_hqq
 from .onnx_build import FLOAT, GraphBuilder
+from .vocab_rows import VocabRows, quantize_vocab
 
 # MatMul weights (initializer names, as the blocks name them) that stay float32 at every precision
 FLOAT_LINEARS = ("router", "shared_gate")
@@ -140,8 +141,9 @@ def quantize_linears(model: onnx.ModelProto, form: BackboneForm) -> onnx.ModelPr
     return model
 
 
-def head_logits(g: GraphBuilder, x: str, lm_head: np.ndarray, form: BackboneForm) -> str:
-    """``x [T, H] @ lm_head.T`` for the ``[V, H]`` LM head, the largest backbone matrix."""
+def head_logits(g: GraphBuilder, x: str, lm_head: np.ndarray | VocabRows, form: BackboneForm) -> str:
+    """``x [T, H] @ lm_head.T`` for the ``[V, H]`` LM head, the largest backbone matrix (read a slab of
+    rows at a time when it is a ``VocabRows``)."""
     if form.lm_head in ("fp32", "fp16"):
         # Gemm with transB keeps the [V, H] weight as stored: no transposed copy during export
         dtype = np.float32 if form.lm_head == "fp32" else np.float16
@@ -149,7 +151,7 @@ def head_logits(g: GraphBuilder, x: str, lm_head: np.ndarray, form: BackboneForm
         if form.lm_head == "fp16":
             w = g.op("Cast", [w], to=FLOAT)
         return g.op("Gemm", [x, w], transB=1)
-    qm = quantize_matrix(np.asarray(lm_head).T, BITS[form.lm_head], form)
+    qm = quantize_vocab(lm_head, lambda w: quantize_matrix(w, BITS[form.lm_head], form))
     if form.formats[form.lm_head] == "matmulnbits":
         inits, node = nbits_matmul("lm_head", qm, x, g.fresh("lm_head_matmul"), ACCURACY_LEVEL)
     else:
@@ -161,7 +163,7 @@ def head_logits(g: GraphBuilder, x: str, lm_head: np.ndarray, form: BackboneForm
     return node.output[0]
 
 
-def gather_rows(g: GraphBuilder, embed: np.ndarray, ids: str, form: BackboneForm) -> str:
+def gather_rows(g: GraphBuilder, embed: np.ndarray | VocabRows, ids: str, form: BackboneForm) -> str:
     """Rows ``ids`` of the ``[V, H]`` embedding table as float32 ``[T, H]``."""
     if form.embedding == "fp32":
         return g.op("Gather", [g.init("embed", np.asarray(embed, dtype=np.float32)), ids], axis=0)
@@ -169,7 +171,7 @@ def gather_rows(g: GraphBuilder, embed: np.ndarray, ids: str, form: BackboneForm
         rows = g.op("Gather", [g.init("embed_fp16", np.asarray(embed, dtype=np.float16)), ids], axis=0)
         return g.op("Cast", [rows], to=FLOAT)
     # int8: blocks run along H within each row (quantized as the [H, V] matrix, one column per token)
-    qm = quantize_matrix(np.asarray(embed).T, BITS[form.embedding], form)
+    qm = quantize_vocab(embed, lambda w: quantize_matrix(w, BITS[form.embedding], form))
     table = {"embed_codes": qm.q.T, "embed_scale": qm.scale.T, "embed_zero_point": qm.zero_point.T}
     rows = {k: g.op("Gather", [g.init(k, np.ascontiguousarray(v)), ids], axis=0) for k, v in table.items()}
     return g.op("DequantizeLinear", [rows["embed_codes"], rows["embed_scale"], rows["embed_zero_point"]],

@@ -23,6 +23,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import numpy as np
+
 from dymoe.bundle.errors import BundleError, CheckpointError, InputError
 from dymoe.bundle.folder import folder_state, foreign_error, remove_listed, remove_temp_files
 from dymoe.bundle.fsutil import atomic_write_bytes, require_free_space, sha256_file
@@ -65,6 +67,7 @@ from .options import EXTERNAL_DATA_BYTES, TARGET, ExportOptions
 from .quantizers import QuantizerOptions
 from .trt_graph import trt_block
 from .variants import variant_of, write_expert
+from .vocab_rows import VocabRows
 from .workers import worker_pool
 
 JOURNAL = EXPORT_JOURNAL
@@ -117,6 +120,13 @@ def _read(ckpt: Checkpoint, ref: Ref):
     return ckpt.read(ref.source, index=ref.index, rows=ref.rows)
 
 
+def _vocab(ckpt: Checkpoint, ref: Ref) -> np.ndarray | VocabRows:
+    """The embedding table or LM head, read a slab of rows at a time as it is quantized."""
+    if ref.index is not None or ref.rows is not None:  # a slice of a fused tensor: small enough whole
+        return _read(ckpt, ref)
+    return VocabRows(lambda a, b: ckpt.read(ref.source, rows=(a, b)), ckpt.info(ref.source).shape)
+
+
 def _expert_refs(mapping: dict[str, Ref], layer: int, expert: int) -> tuple[Ref, Ref, Ref]:
     """Where an expert's gate, up and down come from: all a worker needs of the mapping (the whole
     of it is 18k entries for a 48-layer, 128-expert model, too much to send with every expert)."""
@@ -145,10 +155,10 @@ def _backbone_task(folder: str, out: str, model_type: str, settings: Any, mappin
     ckpt = _checkpoint(folder)
     d: base.Decoder = settings.decoder
     if what == "embed":
-        rel, model = EMBED, base.embed_graph(_read(ckpt, mapping["embed"]), form)
+        rel, model = EMBED, base.embed_graph(_vocab(ckpt, mapping["embed"]), form)
     elif what == "head":
         lm = mapping["embed"] if d.tie_word_embeddings else mapping["lm_head"]
-        rel, model = HEAD, base.head_graph(d, _read(ckpt, mapping["final_norm"]), _read(ckpt, lm), form)
+        rel, model = HEAD, base.head_graph(d, _read(ckpt, mapping["final_norm"]), _vocab(ckpt, lm), form)
     else:
         prefix = f"layers.{layer}."
         wanted = (lambda c: c.startswith(prefix + "router")) if what == "router" else (
