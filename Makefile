@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test demo lint bench bench-export bench-export-qwen3 bench-decode bench-quant bench-serve bench-trt bench-backbone clean calibrate
+.PHONY: setup test demo lint bench bench-export bench-export-qwen3 bench-decode bench-decode-profile bench-quant bench-serve bench-trt bench-backbone clean calibrate
 
 setup: $(STAMP)
 
@@ -49,6 +49,13 @@ bench-export-qwen3: setup
 
 bench-decode: setup
 	$(BIN)/python benchmarks/decode_speed.py
+
+# where a decode step's time goes at Qwen3-30B-A3B's shapes (2 layers exported, extrapolated to 48),
+# against transformers on the same checkpoint
+bench-decode-profile: setup
+	test -f .cache/bench/bundle_qwen3_30b_shape/manifest.json || \
+	    $(BIN)/python benchmarks/export_qwen3_30b_shape.py --layers 2 --workers 2 --keep
+	$(BIN)/python benchmarks/decode_profile.py --transformers .cache/bench/qwen3_30b_a3b_l2
 
 # dymoe serve under load on loopback: 16 clients x 4 requests, completed / 429 / p50 / p99
 # (results/serve_load.json)

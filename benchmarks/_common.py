@@ -37,7 +37,7 @@ def show(title: str, columns: list[str], rows: list[list]) -> None:
         table.add_column(c, justify="right")
     for r in rows:
         table.add_row(*[f"{v:,.3f}" if isinstance(v, float) else str(v) for v in r])
-    Console().print(table)
+    Console(width=160).print(table)  # logs: never squeeze a column
 
 
 def write_json(name: str, data: dict) -> Path:

@@ -36,6 +36,7 @@ from .memory import HeapGovernor
 from .policy import (
     capped,
     home_precisions,
+    homes_fit,
     minimum_working_set,
     plan_from_homes,
     plan_precisions,
@@ -77,6 +78,7 @@ class Orchestrator:
         self.memory = HeapGovernor(budget)
         self.priors = priors or {}
         self.homes: dict[Key, str] | None = None  # each expert's highest precision (fit_precisions)
+        self.homes_fit = False  # and every expert fits at its home: no lower copies (policy.plan_from_homes)
         self._pool: ThreadPoolExecutor | None = None  # prefill's expert threads (compute_threads)
         self._settled = False  # every expert resident at the most it is ever asked for: nothing to prefetch
         layers = tuple(self.spec.moe_layers)
@@ -93,6 +95,7 @@ class Orchestrator:
             capacity = self.resident.budget - self.loader.workers * max(self.costs.in_flight(p) for p in steps)
             keys = [(layer, e) for layer in self.spec.moe_layers for e in range(self.spec.num_experts)]
             self.homes = home_precisions(keys, self.priors, self.config.ladder, self.costs.resident, capacity)
+            self.homes_fit = homes_fit(self.homes, self.costs.resident, capacity)
         if self.config.pin_fraction > 0 and self.priors:
             self._pin_hot(self.priors)
 
@@ -208,11 +211,14 @@ class Orchestrator:
         r = self.retention[layer]
         if self.homes is None:
             return plan_precisions(importance, r, self.config.ladder)
-        return plan_from_homes(importance, r, self.config.ladder, {e: self.homes[(layer, e)] for e in importance})
+        return plan_from_homes(importance, r, self.config.ladder, {e: self.homes[(layer, e)] for e in importance},
+                               self.homes_fit)
 
     def _cap(self, layer: int, wanted: dict[int, str]) -> dict[int, str]:
         if self.homes is None:
             return wanted
+        if self.homes_fit:  # as in plan_from_homes: no lower copies when everyone fits at home
+            return {e: p if p == SKIP else self.homes[(layer, e)] for e, p in wanted.items()}
         return {e: capped(p, self.homes[(layer, e)]) for e, p in wanted.items()}
 
     # --- one expert's request -----------------------------------------------------------

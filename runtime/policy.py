@@ -120,18 +120,29 @@ def home_precisions(keys: Sequence[tuple[int, int]], priors: dict[tuple[int, int
 
 
 def plan_from_homes(importance: dict[int, float], retention: float, ladder: Sequence[str],
-                    homes: dict[int, str]) -> dict[int, str]:
+                    homes: dict[int, str], all_fit: bool = False) -> dict[int, str]:
     """Like :func:`plan_precisions`, with each expert's ladder starting at its home: the critical
     experts run at their homes, the others ``tier`` steps lower (ending at the ladder's last step,
-    which may be skip)."""
+    which may be skip).
+
+    ``all_fit``: every expert fits in the budget at its home. A lower copy then saves no memory the
+    budget needs: loaded on a miss, it stays resident, costs accuracy while it serves, and is read
+    again when the expert is next critical (on a CPU it does not even compute faster: int2 runs
+    slower than int4). So every expert the plan runs asks for its home; a skip stays a skip."""
     experts = sorted(importance)
     order = np.argsort(-np.asarray([importance[e] for e in experts], dtype=np.float64), kind="stable")
     out = {}
     for rank, idx in enumerate(order):
         e = experts[idx]
         tier = tier_of(rank, len(experts), retention, len(ladder))
-        out[e] = ladder[min(ladder.index(homes[e]) + tier, len(ladder) - 1)]
+        p = ladder[min(ladder.index(homes[e]) + tier, len(ladder) - 1)]
+        out[e] = homes[e] if all_fit and p != SKIP else p
     return out
+
+
+def homes_fit(homes: dict, cost: dict[str, int], capacity: int) -> bool:
+    """Whether every expert at its home fits in ``capacity`` bytes (``home_precisions`` could fit them)."""
+    return sum(cost[p] for p in homes.values()) <= capacity
 
 
 def capped(precision: str, home: str) -> str:

@@ -17,6 +17,7 @@ from dymoe.runtime.policy import (
     critical_count,
     heavy_hitter_counts,
     home_precisions,
+    homes_fit,
     parse_ladder,
     plan_from_homes,
     plan_precisions,
@@ -170,6 +171,29 @@ def test_home_precisions_without_priors_go_in_key_order():
 ])
 def test_plan_from_homes(importance, r, homes, want):
     assert plan_from_homes(importance, r, ["int8", "int4", "int2"], homes) == want
+
+
+@pytest.mark.parametrize("importance, r, ladder, homes, want", [
+    # every expert fits at its home: the non-critical one asks for its home too, not a lower copy
+    ({3: 0.7, 5: 0.3}, 0.5, ["int8", "int4", "int2"], {3: "int8", 5: "int4"}, {3: "int8", 5: "int4"}),
+    ({3: 0.7, 5: 0.3, 6: 0.1}, 0.34, ["int8", "int4", "int2"], {3: "int4", 5: "int4", 6: "int8"},
+     {3: "int4", 5: "int4", 6: "int8"}),
+    # a skip in the ladder is the user's choice to save compute: it stays
+    ({1: 0.9, 2: 0.1}, 0.5, ["int4", SKIP], {1: "int4", 2: "int4"}, {1: "int4", 2: SKIP}),
+])
+def test_plan_from_homes_when_all_fit(importance, r, ladder, homes, want):
+    assert plan_from_homes(importance, r, ladder, homes, all_fit=True) == want
+    # without the room, the same step would go lower
+    assert plan_from_homes(importance, r, ladder, homes) != want or SKIP in want.values()
+
+
+@pytest.mark.parametrize("homes, capacity, fit", [
+    ({(0, 0): "int4", (0, 1): "int8"}, 30, True),
+    ({(0, 0): "int4", (0, 1): "int8"}, 29, False),
+    ({}, 0, True),
+])
+def test_homes_fit(homes, capacity, fit):
+    assert homes_fit(homes, {"int8": 20, "int4": 10, "int2": 6}, capacity) is fit
 
 
 def test_plan_from_homes_can_end_in_skip():
