@@ -42,40 +42,49 @@ class Timed:
         return getattr(self._sess, name)
 
 
-def profile(bundle: Path, precision: str, prompt: list[int], tokens: int, repeats: int) -> dict:
+def profile(bundle: Path, precision: str, prompt: list[int], tokens: int, repeats: int, threads: int = 1) -> dict:
     from dymoe.runtime.bundle import Bundle
     from dymoe.runtime.experts import StaticExperts
     from dymoe.runtime.generate import generate
     from dymoe.runtime.model import MoEModel
 
     b = Bundle(bundle)
-    experts = StaticExperts(b, precision)
+    experts = StaticExperts(b, precision, threads=threads)
     model = MoEModel(b, experts)
     book: dict[str, list[float]] = defaultdict(list)
     model.embed = Timed(model.embed, book, "embedding")
     model.head = Timed(model.head, book, "LM head")
     model.layers = [Timed(s, book, "layer graphs") for s in model.layers]
-    inner = experts.sessions.forward
+    inner_run, inner_forward = experts.run, experts.sessions.forward
+    expert_calls: list[int] = []
 
-    def forward(layer, e, p, x):
+    def run(step):  # the whole expert step as the token loop waits for it (threads, combine included)
         t = time.perf_counter()
         try:
-            return inner(layer, e, p, x)
+            return inner_run(step)
         finally:
             book["experts"].append(time.perf_counter() - t)
 
-    experts.sessions.forward = forward
+    def forward(layer, e, p, x):
+        expert_calls.append(1)  # list.append is atomic: safe from the expert threads
+        return inner_forward(layer, e, p, x)
+
+    experts.run, experts.sessions.forward = run, forward
+    model.experts = experts
     generate(model, prompt, 4)  # warm-up
     per_token: list[dict[str, float]] = []
     for _ in range(repeats):
         book.clear()
+        expert_calls.clear()
         r = generate(model, prompt, 1)  # the prompt alone, to subtract
         pre = {k: (sum(v), len(v)) for k, v in book.items()}
+        pre_calls = len(expert_calls) + sum(len(v) for k, v in book.items() if k != "experts")
         book.clear()
+        expert_calls.clear()
         r = generate(model, prompt, tokens + 1)
         steps = len(r.token_ids) - 1
         parts = {k: (sum(v) - pre.get(k, (0, 0))[0]) / steps for k, v in book.items()}
-        calls = sum(len(v) - pre.get(k, (0, 0))[1] for k, v in book.items()) / steps
+        calls = (len(expert_calls) + sum(len(v) for k, v in book.items() if k != "experts") - pre_calls) / steps
         total = sum(r.token_times_s) / len(r.token_times_s)
         per_token.append({**parts, "python and glue": total - sum(parts.values()), "total": total, "calls": calls})
     experts.close()
@@ -125,6 +134,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", default="1,2", help="expert threads to compare (comma list)")
     ap.add_argument("--full-layers", type=int, default=48, help="depth to extrapolate to (Qwen3-30B-A3B: 48)")
     ap.add_argument("--transformers", type=Path, default=None, metavar="SOURCE",
                     help="also time transformers on this checkpoint (the bundle's source)")
@@ -134,17 +144,18 @@ def main() -> None:
                          "--workers 2 --keep first, or name a bundle")
     vocab = __import__("json").loads((args.bundle / "manifest.json").read_text())["model"]["vocab_size"]
     prompt = [int(t) for t in np.random.default_rng(0).integers(0, vocab, args.prompt)]
-    p = profile(args.bundle, args.precision, prompt, args.tokens, args.repeats)
-    full = extrapolate(p, args.full_layers)
     parts = ["embedding", "layer graphs", "experts", "LM head", "python and glue"]
-    show(f"decode step, every expert resident at {args.precision} ({args.bundle.name}; {p['layers']} layers "
-         f"measured, median of {args.repeats}; ms per token)",
-         ["part", "measured ms", "share", f"extrapolated to {args.full_layers} layers ms", "share "],
-         [[k, p.get(k, 0) * 1e3, p.get(k, 0) / p["total"], full[k] * 1e3, full[k] / full["total"]] for k in parts]
-         + [["total", p["total"] * 1e3, 1.0, full["total"] * 1e3, 1.0],
-            ["ORT calls per token", p["calls"], "", full["calls"], ""]])
-    out = {"bundle": str(args.bundle), "precision": args.precision, "measured": p,
-           f"extrapolated_{args.full_layers}": full}
+    out = {"bundle": str(args.bundle), "precision": args.precision, "by_threads": {}}
+    for threads in [int(t) for t in args.threads.split(",")]:
+        p = profile(args.bundle, args.precision, prompt, args.tokens, args.repeats, threads)
+        full = extrapolate(p, args.full_layers)
+        show(f"decode step, every expert resident at {args.precision}, {threads} expert thread(s) "
+             f"({args.bundle.name}; {p['layers']} layers measured, median of {args.repeats}; ms per token)",
+             ["part", "measured ms", "share", f"extrapolated to {args.full_layers} layers ms", "share "],
+             [[k, p.get(k, 0) * 1e3, p.get(k, 0) / p["total"], full[k] * 1e3, full[k] / full["total"]] for k in parts]
+             + [["total", p["total"] * 1e3, 1.0, full["total"] * 1e3, 1.0],
+                ["ORT calls per token", p["calls"], "", full["calls"], ""]])
+        out["by_threads"][threads] = {"measured": p, f"extrapolated_{args.full_layers}": full}
     if args.transformers is not None:
         hf = transformers_decode(args.transformers, prompt, args.tokens, args.repeats)
         out["transformers_ms_per_token"] = hf * 1e3

@@ -6,6 +6,8 @@ resident at one precision.
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -15,6 +17,7 @@ from dymoe.bundle import graph_io as io
 from dymoe.bundle.progress import Counter, ProgressFn
 
 from .bundle import Bundle
+from .options import EXPERT_THREADS
 from .ort_session import create_session
 
 
@@ -63,11 +66,28 @@ def accumulate(step: LayerStep, outputs: dict[int, np.ndarray | None], weights: 
     return out
 
 
-def combine(step: LayerStep, expert_forward, weights: np.ndarray | None = None) -> np.ndarray:
+def combine(step: LayerStep, expert_forward, weights: np.ndarray | None = None,
+            pool: ThreadPoolExecutor | None = None, threads: int = 1) -> np.ndarray:
     """Run each distinct selected expert once on its tokens (batched), ``expert_forward(e, x)``
-    returning ``y`` or None for a skipped expert, and :func:`accumulate` the outputs."""
+    returning ``y`` or None for a skipped expert, and :func:`accumulate` the outputs.
+
+    With a ``pool`` the experts are dealt into ``threads`` shares, one run here and the others on
+    the pool (ORT releases the GIL in ``run``): one hand-off per thread, not one per expert, since
+    a decode step's expert takes tens of microseconds."""
     x = step.router_input
-    return accumulate(step, {e: expert_forward(e, x[tok]) for e, tok, _ in groups(step)}, weights)
+    jobs = [(e, tok) for e, tok, _ in groups(step)]
+
+    def share(part: list) -> dict[int, np.ndarray | None]:
+        return {e: expert_forward(e, x[tok]) for e, tok in part}
+
+    if pool is None or threads < 2 or len(jobs) < 2:
+        return accumulate(step, share(jobs), weights)
+    parts = [jobs[i::threads] for i in range(min(threads, len(jobs)))]
+    futures = [pool.submit(share, part) for part in parts[1:]]
+    outputs = share(parts[0])
+    for f in futures:
+        outputs.update(f.result())
+    return accumulate(step, outputs, weights)
 
 
 class ExpertSessions:
@@ -114,20 +134,27 @@ class ExpertSessions:
 
 
 class StaticExperts:
-    """Every routed expert resident at one precision (the `--precision P` mode)."""
+    """Every routed expert resident at one precision (the `--precision P` mode); a step's experts
+    run on ``threads`` threads at once."""
 
     def __init__(self, bundle: Bundle, precision: str, progress: ProgressFn | None = None,
-                 session_config: dict[str, str] | None = None) -> None:
+                 session_config: dict[str, str] | None = None, threads: int = EXPERT_THREADS) -> None:
         self.precision = bundle.check_precision(precision)
         self.sessions = ExpertSessions(bundle, session_config)
         self.sessions.load_all(precision, progress)
+        threads = max(1, min(threads, os.cpu_count() or 1))
+        self.threads = threads
+        self._pool = ThreadPoolExecutor(threads - 1, thread_name_prefix="dymoe-expert") if threads > 1 else None
 
     @property
     def resident_file_bytes(self) -> int:
         return self.sessions.file_bytes
 
     def run(self, step: LayerStep) -> np.ndarray:
-        return combine(step, lambda e, x: self.sessions.forward(step.layer, e, self.precision, x))
+        return combine(step, lambda e, x: self.sessions.forward(step.layer, e, self.precision, x),
+                       pool=self._pool, threads=self.threads)
 
     def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
         self.sessions.close()
