@@ -48,3 +48,21 @@ def write_json(name: str, data: dict) -> Path:
     atomic_write_text(path, json.dumps({"machine": machine(), **data}, indent=1) + "\n")  # never half a file
     print(f"wrote {path}")
     return path
+
+
+def hf_greedy_decode(model, prompt: list[int], tokens: int) -> tuple[float, list[int]]:
+    """A transformers causal LM's median time per decode step and its greedy token ids: the prompt in
+    one forward, then ``tokens - 1`` steps of one token on its KV cache (torch, no grad)."""
+    import torch
+
+    with torch.no_grad():
+        out = model(torch.tensor([prompt]), use_cache=True)
+        past, tok = out.past_key_values, int(out.logits[0, -1].argmax())
+        ids, times = [tok], []
+        for _ in range(tokens - 1):
+            t = time.perf_counter()
+            out = model(torch.tensor([[tok]]), past_key_values=past, use_cache=True)
+            past, tok = out.past_key_values, int(out.logits[0, -1].argmax())
+            times.append(time.perf_counter() - t)
+            ids.append(tok)
+    return med(times), ids

@@ -15,12 +15,13 @@ source checkpoint, side by side.
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-from _common import CACHE, med, show, write_json
+from _common import CACHE, hf_greedy_decode, med, show, write_json
 
 DEFAULT = CACHE / "bundle_qwen3_30b_shape"  # export_qwen3_30b_shape.py --keep leaves it here
 
@@ -76,7 +77,7 @@ def profile(bundle: Path, precision: str, prompt: list[int], tokens: int, repeat
     for _ in range(repeats):
         book.clear()
         expert_calls.clear()
-        r = generate(model, prompt, 1)  # the prompt alone, to subtract
+        generate(model, prompt, 1)  # the prompt alone, to subtract
         pre = {k: (sum(v), len(v)) for k, v in book.items()}
         pre_calls = len(expert_calls) + sum(len(v) for k, v in book.items() if k != "experts")
         book.clear()
@@ -111,20 +112,9 @@ def transformers_decode(source: Path, prompt: list[int], tokens: int, repeats: i
     import torch
     import transformers as tf
 
-    model = tf.AutoModelForCausalLM.from_pretrained(source, torch_dtype=torch.float32).eval()
-    times = []
-    with torch.no_grad():
-        for _ in range(repeats + 1):
-            out = model(torch.tensor([prompt]), use_cache=True)
-            past, tok = out.past_key_values, int(out.logits[0, -1].argmax())
-            step = []
-            for _ in range(tokens):
-                t = time.perf_counter()
-                out = model(torch.tensor([[tok]]), past_key_values=past, use_cache=True)
-                past, tok = out.past_key_values, int(out.logits[0, -1].argmax())
-                step.append(time.perf_counter() - t)
-            times.append(med(step))
-    return med(times[1:])  # the first pass warms up
+    model = tf.AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    hf_greedy_decode(model, prompt, tokens + 1)  # warm-up
+    return med([hf_greedy_decode(model, prompt, tokens + 1)[0] for _ in range(repeats)])
 
 
 def main() -> None:
@@ -142,7 +132,7 @@ def main() -> None:
     if not (args.bundle / "manifest.json").exists():
         raise SystemExit(f"no bundle at {args.bundle}: run benchmarks/export_qwen3_30b_shape.py --layers 2 "
                          "--workers 2 --keep first, or name a bundle")
-    vocab = __import__("json").loads((args.bundle / "manifest.json").read_text())["model"]["vocab_size"]
+    vocab = json.loads((args.bundle / "manifest.json").read_text())["model"]["vocab_size"]
     prompt = [int(t) for t in np.random.default_rng(0).integers(0, vocab, args.prompt)]
     parts = ["embedding", "layer graphs", "experts", "LM head", "python and glue"]
     out = {"bundle": str(args.bundle), "precision": args.precision, "by_threads": {}}

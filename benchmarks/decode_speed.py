@@ -10,11 +10,10 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
-from _common import CACHE, med, show, spread, write_json
+from _common import CACHE, hf_greedy_decode, med, show, spread, write_json
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
@@ -54,17 +53,7 @@ def main() -> None:
     threads = torch.get_num_threads()
 
     def hf_decode() -> tuple[float, list[int]]:
-        with torch.no_grad():
-            out = model(torch.tensor([prompt]), use_cache=True)
-            past, tok = out.past_key_values, int(out.logits[0, -1].argmax())
-            ids, times = [tok], []
-            for _ in range(args.tokens - 1):
-                t = time.perf_counter()
-                out = model(torch.tensor([[tok]]), past_key_values=past, use_cache=True)
-                past, tok = out.past_key_values, int(out.logits[0, -1].argmax())
-                times.append(time.perf_counter() - t)
-                ids.append(tok)
-        return med(times), ids
+        return hf_greedy_decode(model, prompt, args.tokens)
 
     def dymoe_decode(p: str) -> tuple[float, list[int]]:
         r = generate(runners[p], prompt, args.tokens)

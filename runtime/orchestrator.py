@@ -217,9 +217,7 @@ class Orchestrator:
     def _cap(self, layer: int, wanted: dict[int, str]) -> dict[int, str]:
         if self.homes is None:
             return wanted
-        if self.homes_fit:  # as in plan_from_homes: no lower copies when everyone fits at home
-            return {e: p if p == SKIP else self.homes[(layer, e)] for e, p in wanted.items()}
-        return {e: capped(p, self.homes[(layer, e)]) for e, p in wanted.items()}
+        return {e: capped(p, self.homes[(layer, e)], self.homes_fit) for e, p in wanted.items()}
 
     # --- one expert's request -----------------------------------------------------------
 

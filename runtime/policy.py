@@ -135,8 +135,7 @@ def plan_from_homes(importance: dict[int, float], retention: float, ladder: Sequ
     for rank, idx in enumerate(order):
         e = experts[idx]
         tier = tier_of(rank, len(experts), retention, len(ladder))
-        p = ladder[min(ladder.index(homes[e]) + tier, len(ladder) - 1)]
-        out[e] = homes[e] if all_fit and p != SKIP else p
+        out[e] = capped(ladder[min(ladder.index(homes[e]) + tier, len(ladder) - 1)], homes[e], all_fit)
     return out
 
 
@@ -145,9 +144,12 @@ def homes_fit(homes: dict, cost: dict[str, int], capacity: int) -> bool:
     return sum(cost[p] for p in homes.values()) <= capacity
 
 
-def capped(precision: str, home: str) -> str:
-    """``precision``, but never above ``home`` (skip stays skip)."""
-    return precision if precision == SKIP or RANK[precision] <= RANK[home] else home
+def capped(precision: str, home: str, all_fit: bool = False) -> str:
+    """``precision``, but never above ``home`` (skip stays skip). ``all_fit``: every expert fits at its
+    home, so a lower copy would save nothing the budget needs: exactly ``home`` (see plan_from_homes)."""
+    if precision == SKIP:
+        return SKIP
+    return home if all_fit or RANK[precision] > RANK[home] else precision
 
 
 def top_count(n: int, fraction: float) -> int:
