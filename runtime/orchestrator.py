@@ -115,7 +115,8 @@ class Orchestrator:
     def run(self, step: LayerStep) -> np.ndarray:
         if step.layer == self.spec.moe_layers[0]:
             self.resident.tick()
-            self._settled = self._everything_resident()
+            # once settled, every request is a hit: nothing loads or leaves, so it stays settled
+            self._settled = self._settled or self._everything_resident()
         self._land_finished()
         decode = step.phase == "decode"
         importance = step_importance(step.phase, step.experts, step.weights, step.attn_colsum,
