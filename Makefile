@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test demo lint bench bench-export bench-export-qwen3 bench-decode bench-decode-profile bench-quant bench-serve bench-trt bench-backbone clean calibrate
+.PHONY: setup test demo lint bench bench-export bench-export-qwen3 bench-decode bench-decode-profile bench-llama-cpp bench-expert-calls bench-quant bench-serve bench-trt bench-backbone clean calibrate
 
 setup: $(STAMP)
 
@@ -56,6 +56,17 @@ bench-decode-profile: setup
 	test -f .cache/bench/bundle_qwen3_30b_shape/manifest.json || \
 	    $(BIN)/python benchmarks/export_qwen3_30b_shape.py --layers 2 --workers 2 --keep
 	$(BIN)/python benchmarks/decode_profile.py --transformers .cache/bench/qwen3_30b_a3b_l2
+
+# all-resident decode against llama.cpp Q4_0 on the same Qwen3-30B-A3B-shaped model at 4 and 8 layers,
+# extrapolated to 48 (results/llama_cpp_decode.json). The first run downloads llama.cpp's source (the
+# llama-cpp-python sdist on PyPI vendors it) and builds it: about 40 minutes and 30 GB under .cache/bench
+bench-llama-cpp: setup
+	$(BIN)/python benchmarks/llama_cpp_decode.py --backbone int8,int4
+
+# a layer's 8 routed experts as 8 ORT calls (dymoe) against one fused graph, 48 layers' worth so the
+# weights come from memory (results/expert_calls.json; about 3 minutes)
+bench-expert-calls: setup
+	$(BIN)/python benchmarks/expert_calls.py
 
 # dymoe serve under load on loopback: 16 clients x 4 requests, completed / 429 / p50 / p99
 # (results/serve_load.json)
