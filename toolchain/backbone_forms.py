@@ -151,13 +151,16 @@ def head_logits(g: GraphBuilder, x: str, lm_head: np.ndarray | VocabRows, form: 
         if form.lm_head == "fp16":
             w = g.op("Cast", [w], to=FLOAT)
         return g.op("Gemm", [x, w], transB=1)
-    qm = quantize_vocab(lm_head, lambda w: quantize_matrix(w, BITS[form.lm_head], form))
-    if form.formats[form.lm_head] == "matmulnbits":
-        inits, node = nbits_matmul("lm_head", qm, x, g.fresh("lm_head_matmul"), ACCURACY_LEVEL)
+    nbits = form.formats[form.lm_head] == "matmulnbits"
+    # MatMulNBits stores the weight [N, K] = [V, H], the table's own rows; DequantizeLinear [K, N]
+    qm = quantize_vocab(lm_head, lambda w: quantize_matrix(w, BITS[form.lm_head], form), rows_major=nbits)
+    if nbits:
+        inits, node = nbits_matmul("lm_head", qm, x, g.fresh("lm_head_matmul"), ACCURACY_LEVEL, make=g.tensor)
     else:
-        inits, dq = qdq_weight("lm_head", qm, "lm_head_dq")
+        inits, dq = qdq_weight("lm_head", qm, "lm_head_dq", make=g.tensor)
         g.nodes.append(dq)
         node = helper.make_node("MatMul", [x, "lm_head_dq"], [g.fresh("matmul")], name=g.fresh("n_MatMul"))
+    del qm  # the graph builder holds the codes now (aside, when vocabulary-sized)
     g.inits += inits
     g.nodes.append(node)
     return node.output[0]
@@ -171,7 +174,7 @@ def gather_rows(g: GraphBuilder, embed: np.ndarray | VocabRows, ids: str, form: 
         rows = g.op("Gather", [g.init("embed_fp16", np.asarray(embed, dtype=np.float16)), ids], axis=0)
         return g.op("Cast", [rows], to=FLOAT)
     # int8: blocks run along H within each row (quantized as the [H, V] matrix, one column per token)
-    qm = quantize_vocab(embed, lambda w: quantize_matrix(w, BITS[form.embedding], form))
+    qm = quantize_vocab(embed, lambda w: quantize_matrix(w, BITS[form.embedding], form), rows_major=True)
     table = {"embed_codes": qm.q.T, "embed_scale": qm.scale.T, "embed_zero_point": qm.zero_point.T}
     rows = {k: g.op("Gather", [g.init(k, np.ascontiguousarray(v)), ids], axis=0) for k, v in table.items()}
     return g.op("DequantizeLinear", [rows["embed_codes"], rows["embed_scale"], rows["embed_zero_point"]],

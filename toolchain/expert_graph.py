@@ -43,7 +43,7 @@ from dymoe.bundle.precisions import BITS, PRECISIONS
 
 from .blockquant import QuantizedMatrix, dequantize, pack_codes, quantize_rtn
 from .onnx_build import IR_VERSION, OPSET
-from .transpose import c_order, transposed
+from .transpose import c_order
 
 DEFAULT_FORMAT = {"int8": "qdq", "int4": "qdq", "int2": "nbits"}
 FORMATS = ("qdq", "nbits")
@@ -159,13 +159,14 @@ def _probe_reference(gate, up, down, xp: np.ndarray, memo: dict | None) -> tuple
 # Graph building.
 
 
-def qdq_weight(proj: str, qm: QuantizedMatrix, out: str):
+def qdq_weight(proj: str, qm: QuantizedMatrix, out: str, make=numpy_helper.from_array):
     """Initializers + DequantizeLinear node producing float ``[K, N]`` named ``out`` (the backbone's
-    quantized linears use the very same form, ``backbone_forms.py``)."""
+    quantized linears use the very same form, ``backbone_forms.py``). ``make(array, name)`` turns
+    an 8-bit weight's arrays into initializers (a graph builder's may keep large ones aside)."""
     K, N = qm.K, qm.N
     if qm.bits == 8:
-        w = numpy_helper.from_array(c_order(qm.q), f"{proj}_w")
-        zp = numpy_helper.from_array(qm.zero_point, f"{proj}_zero_point")
+        w = make(c_order(qm.q), f"{proj}_w")
+        zp = make(qm.zero_point, f"{proj}_zero_point")
     elif qm.bits == 4:
         # UINT4 raw data: the row-major flattened tensor, two values per byte, element
         # 2i in the low nibble (checked against onnx.numpy_helper.to_array in the tests).
@@ -175,14 +176,16 @@ def qdq_weight(proj: str, qm: QuantizedMatrix, out: str):
                                 pack_codes(qm.zero_point.reshape(-1), 4).tobytes(), raw=True)
     else:
         raise ValueError(f"QDQ format supports 8 and 4 bits, got {qm.bits}")
-    scale = numpy_helper.from_array(qm.scale, f"{proj}_scale")
+    scale = (make if qm.bits == 8 else numpy_helper.from_array)(qm.scale, f"{proj}_scale")
     node = helper.make_node("DequantizeLinear", [w.name, scale.name, zp.name], [out],
                             name=f"{proj}_dequant", axis=0, block_size=qm.block_size)
     return [w, scale, zp], node
 
 
-def nbits_matmul(proj: str, qm: QuantizedMatrix, a: str, out: str, accuracy_level: int):
-    """Initializers + ``com.microsoft::MatMulNBits`` node computing ``out = a @ W``.
+def nbits_matmul(proj: str, qm: QuantizedMatrix, a: str, out: str, accuracy_level: int,
+                 make=numpy_helper.from_array):
+    """Initializers + ``com.microsoft::MatMulNBits`` node computing ``out = a @ W``; ``make(array, name)``
+    as in :func:`qdq_weight`.
 
     Layout (ORT contrib op spec):
       B           uint8 [N, nb, B*bits/8]: column n, block kb, codes along K packed
@@ -194,15 +197,14 @@ def nbits_matmul(proj: str, qm: QuantizedMatrix, a: str, out: str, accuracy_leve
     """
     K, N, B, bits = qm.K, qm.N, qm.block_size, qm.bits
     nb = qm.n_blocks
-    codes_nk = transposed(qm.q)  # [N, K]
+    codes_nk = c_order(qm.q.T)  # [N, K]; no copy when the codes were laid out that way (vocab_rows.py)
     if nb * B > K:  # K padded to nb*B
         codes_nk = np.concatenate([codes_nk, np.repeat(qm.zero_point[-1][:, None], nb * B - K, axis=1)], axis=1)
     packed_b = pack_codes(codes_nk.reshape(N, nb, B), bits)
     del codes_nk
-    w = numpy_helper.from_array(packed_b, f"{proj}_w")
-    scale = numpy_helper.from_array(np.ascontiguousarray(qm.scale.T), f"{proj}_scale")
-    zp = numpy_helper.from_array(pack_codes(np.ascontiguousarray(qm.zero_point.T), bits),
-                                 f"{proj}_zero_point")
+    w = make(packed_b, f"{proj}_w")
+    scale = make(np.ascontiguousarray(qm.scale.T), f"{proj}_scale")
+    zp = make(pack_codes(np.ascontiguousarray(qm.zero_point.T), bits), f"{proj}_zero_point")
     attrs = dict(K=K, N=N, bits=bits, block_size=B)
     if accuracy_level:
         attrs["accuracy_level"] = accuracy_level

@@ -155,10 +155,11 @@ def _backbone_task(folder: str, out: str, model_type: str, settings: Any, mappin
     ckpt = _checkpoint(folder)
     d: base.Decoder = settings.decoder
     if what == "embed":
-        rel, model = EMBED, base.embed_graph(_vocab(ckpt, mapping["embed"]), form)
+        rel, model = EMBED, base.embed_graph(_vocab(ckpt, mapping["embed"]), form, streamed=True)
     elif what == "head":
         lm = mapping["embed"] if d.tie_word_embeddings else mapping["lm_head"]
-        rel, model = HEAD, base.head_graph(d, _read(ckpt, mapping["final_norm"]), _vocab(ckpt, lm), form)
+        rel, model = HEAD, base.head_graph(d, _read(ckpt, mapping["final_norm"]), _vocab(ckpt, lm), form,
+                                           streamed=True)
     else:
         prefix = f"layers.{layer}."
         wanted = (lambda c: c.startswith(prefix + "router")) if what == "router" else (

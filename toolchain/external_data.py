@@ -16,9 +16,11 @@ from pathlib import Path
 import onnx
 from onnx import TensorProto
 
-from dymoe.bundle.fsutil import atomic_write_bytes, atomic_write_chunks
+from dymoe.bundle.fsutil import atomic_write_chunks
 from dymoe.bundle.naming import external_data_path
 from dymoe.bundle.paths import resolve
+
+from .streamed import StreamedModel, placeholder
 
 ALIGN = 64  # every tensor starts on a 64-byte boundary of the data file (aligned loads, if ever mapped)
 # Smaller tensors always stay inline, whatever the limit: shapes and axes must be readable when ONNX
@@ -30,46 +32,61 @@ def _size(t: TensorProto) -> int:
     return len(t.raw_data) if t.HasField("raw_data") else 0
 
 
-def move_out(model: onnx.ModelProto, location: str, limit: int) -> list[bytes]:
-    """Move the largest raw initializers of ``model`` (of at least :data:`MIN_BYTES`) into external data
-    at ``location`` until at most ``limit`` bytes of those stay inline; returns the data file's pieces
-    (empty: nothing moved)."""
-    inits = sorted((t for t in model.graph.initializer if _size(t) >= MIN_BYTES), key=_size, reverse=True)
-    inline = sum(_size(t) for t in inits)
-    pieces: list[bytes] = []
+def _point_outside(t: TensorProto, location: str, offset: int, length: int) -> None:
+    t.ClearField("raw_data")
+    t.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        entry = t.external_data.add()
+        entry.key, entry.value = key, value
+
+
+def move_out(model: onnx.ModelProto | StreamedModel, location: str, limit: int) -> list:
+    """Move the largest initializers of ``model`` (of at least :data:`MIN_BYTES`; raw data inline or a
+    streamed model's arrays) into external data at ``location`` until at most ``limit`` bytes of those
+    stay inline; returns the data file's pieces (empty: nothing moved)."""
+    streamed = model if isinstance(model, StreamedModel) else StreamedModel(model)
+    graph = streamed.model.graph
+    inline = [(_size(t), t.name, t) for t in graph.initializer if _size(t) >= MIN_BYTES]
+    inline += [(a.nbytes, name, None) for name, a in streamed.arrays.items() if a.nbytes >= MIN_BYTES]
+    inline.sort(key=lambda c: c[0], reverse=True)
+    left = sum(size for size, _, _ in inline)
+    pieces: list = []
     offset = 0
-    for t in inits:
-        if inline <= limit:
+    for size, name, t in inline:
+        if left <= limit:
             break
-        data = t.raw_data
-        inline -= len(data)
+        left -= size
         pad = -offset % ALIGN
         if pad:
             pieces.append(bytes(pad))
             offset += pad
-        t.ClearField("raw_data")
-        t.data_location = TensorProto.EXTERNAL
-        for key, value in (("location", location), ("offset", str(offset)), ("length", str(len(data)))):
-            entry = t.external_data.add()
-            entry.key, entry.value = key, value
-        pieces.append(data)
-        offset += len(data)
+        if t is None:  # a streamed array: written from its own memory, its initializer joins the graph
+            array = streamed.arrays.pop(name)
+            pieces.append(memoryview(array).cast("B"))
+            t = placeholder(array, name)
+            _point_outside(t, location, offset, size)
+            graph.initializer.append(t)
+        else:
+            pieces.append(t.raw_data)
+            _point_outside(t, location, offset, size)
+        offset += size
     return pieces
 
 
-def write_graph(out: Path, rel: str, model: onnx.ModelProto, limit: int) -> dict[str, dict]:
+def write_graph(out: Path, rel: str, model: onnx.ModelProto | StreamedModel, limit: int) -> dict[str, dict]:
     """Write ``model`` to ``out/rel`` atomically, its largest tensors in ``rel``'s external data file
     when they pass ``limit`` bytes; the journal entries of what was written (the data file first, so
-    a graph is never on disk without it)."""
+    a graph is never on disk without it). A streamed model's arrays are written from their own memory."""
+    streamed = model if isinstance(model, StreamedModel) else StreamedModel(model)
     data_rel = external_data_path(rel)
-    pieces = move_out(model, data_rel.rpartition("/")[2], limit)
+    pieces = move_out(streamed, data_rel.rpartition("/")[2], limit)
     written = {}
     if pieces:
         size, sha = atomic_write_chunks(resolve(out, data_rel), pieces)
         del pieces
         written[data_rel] = {"bytes": size, "sha256": sha}
-    data = model.SerializeToString()
-    written[rel] = {"bytes": len(data), "sha256": atomic_write_bytes(resolve(out, rel), data)}
+    size, sha = atomic_write_chunks(resolve(out, rel), streamed.chunks())
+    written[rel] = {"bytes": size, "sha256": sha}
     if len(written) > 1:
         written[rel]["external_data"] = [data_rel]
     return written

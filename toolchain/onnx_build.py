@@ -8,8 +8,13 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from .streamed import StreamedModel, placeholder
+
 OPSET = 21  # blocked DequantizeLinear and (U)INT4 need 21
 IR_VERSION = 10
+# Initializers this large stay numpy arrays until the model is written (see streamed.py): only the
+# vocabulary-sized embedding table and LM head of a large model reach it
+DEFER_BYTES = 64 << 20
 
 
 class GraphBuilder:
@@ -21,6 +26,7 @@ class GraphBuilder:
         self.outputs: list[onnx.ValueInfoProto] = []
         self._ids = itertools.count()
         self._consts: dict[tuple, str] = {}
+        self.deferred: dict[str, np.ndarray] = {}  # name -> array, for initializers of DEFER_BYTES and up
 
     def fresh(self, hint: str) -> str:
         return f"{hint}_{next(self._ids)}"
@@ -35,8 +41,17 @@ class GraphBuilder:
         self.outputs.append(helper.make_tensor_value_info(name, elem, shape))
         return name
 
+    def tensor(self, array: np.ndarray, name: str) -> onnx.TensorProto:
+        """The initializer ``name`` of ``array`` to append to ``inits``: the array itself is kept aside
+        (data-less placeholder) when it has :data:`DEFER_BYTES` or more."""
+        array = np.ascontiguousarray(array)
+        if array.nbytes < DEFER_BYTES:
+            return numpy_helper.from_array(array, name)
+        self.deferred[name] = array
+        return placeholder(array, name)
+
     def init(self, name: str, array: np.ndarray) -> str:
-        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        self.inits.append(self.tensor(array, name))
         return name
 
     def const(self, values, dtype=np.int64) -> str:
@@ -62,12 +77,17 @@ class GraphBuilder:
         return outs
 
     def model(self, extra_opsets: dict[str, int] | None = None) -> onnx.ModelProto:
-        graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, self.inits)
+        return self.streamed(extra_opsets).materialize()
+
+    def streamed(self, extra_opsets: dict[str, int] | None = None) -> StreamedModel:
+        """The model with its deferred arrays still aside, to be written without copying them."""
+        inits = [t for t in self.inits if t.name not in self.deferred]
+        graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, inits)
         opsets = [helper.make_opsetid("", OPSET)]
         opsets += [helper.make_opsetid(d, v) for d, v in (extra_opsets or {}).items()]
         model = helper.make_model(graph, opset_imports=opsets, producer_name="dymoe")
         model.ir_version = IR_VERSION
-        return model
+        return StreamedModel(model, dict(self.deferred))
 
     # --- common blocks -------------------------------------------------------------------
 

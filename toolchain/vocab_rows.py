@@ -17,7 +17,7 @@ import numpy as np
 
 from .blockquant import QuantizedMatrix
 
-SLAB_ROWS = 8192  # 8192 x 2048 float32 = 64 MiB
+SLAB_ROWS = 2048  # 2048 x 2048 float32 = 16 MiB (larger slabs are no faster and peak higher)
 
 
 class VocabRows:
@@ -45,9 +45,14 @@ class VocabRows:
         return out
 
 
-def quantize_vocab(m: np.ndarray | VocabRows, quantize: Callable[[np.ndarray], QuantizedMatrix]) -> QuantizedMatrix:
+def quantize_vocab(m: np.ndarray | VocabRows, quantize: Callable[[np.ndarray], QuantizedMatrix],
+                   rows_major: bool = False) -> QuantizedMatrix:
     """``quantize(m.T)`` for a ``[V, H]`` matrix (codes ``[H, V]``), a slab of rows at a time when ``m``
-    is read lazily: the same codes, scales and zero points as quantizing the whole."""
+    is read lazily: the same codes, scales and zero points as quantizing the whole.
+
+    ``rows_major``: lay the codes out as the table's own rows, ``q`` being the ``[H, V]`` view of a
+    contiguous ``[V, H]`` array: what the embedding's Gather and MatMulNBits's ``[N, K]`` weight
+    store, so the graph takes the codes without a vocabulary-sized transposed copy."""
     if not isinstance(m, VocabRows):
         return quantize(np.asarray(m).T)
     V = m.shape[0]
@@ -57,7 +62,7 @@ def quantize_vocab(m: np.ndarray | VocabRows, quantize: Callable[[np.ndarray], Q
         part = quantize(x.T)
         if first is None:
             first = part
-            q = np.empty((part.K, V), dtype=part.q.dtype)
+            q = np.empty((V, part.K), dtype=part.q.dtype).T if rows_major else np.empty((part.K, V), part.q.dtype)
             scale = np.empty((part.scale.shape[0], V), dtype=part.scale.dtype)
             zero_point = np.empty((part.zero_point.shape[0], V), dtype=part.zero_point.dtype)
         q[:, a:b], scale[:, a:b], zero_point[:, a:b] = part.q, part.scale, part.zero_point

@@ -38,6 +38,7 @@ from ..blocks.routing import RouterConfig, route
 from ..expert_graph import MS_DOMAIN
 from ..layout import Ref
 from ..onnx_build import FLOAT, INT64, GraphBuilder
+from ..streamed import StreamedModel
 
 Tensors = dict[str, np.ndarray]  # canonical name without "layers.{l}." -> float32 array
 
@@ -368,20 +369,23 @@ def router_graph(d: Decoder, routing: RouterConfig, t: Tensors, layer: int) -> o
     return g.model()
 
 
-def embed_graph(embed: np.ndarray, form: BackboneForm = BackboneForm()) -> onnx.ModelProto:
+def embed_graph(embed: np.ndarray, form: BackboneForm = BackboneForm(),
+                streamed: bool = False) -> onnx.ModelProto | StreamedModel:
+    """``streamed``: the vocabulary-sized arrays stay aside until written (export's peak memory)."""
     g = GraphBuilder("dymoe_embed")
     ids = g.input(io.EMBED_IN_IDS, INT64, ["T"])
     g.output(gather_rows(g, embed, ids, form), io.EMBED_OUT, FLOAT, ["T", embed.shape[1]])
-    return g.model()
+    return g.streamed() if streamed else g.model()
 
 
-def head_graph(d: Decoder, final_norm: np.ndarray, lm_head: np.ndarray,
-               form: BackboneForm = BackboneForm()) -> onnx.ModelProto:
+def head_graph(d: Decoder, final_norm: np.ndarray, lm_head: np.ndarray, form: BackboneForm = BackboneForm(),
+               streamed: bool = False) -> onnx.ModelProto | StreamedModel:
     g = GraphBuilder("dymoe_head")
     x = g.input(io.HEAD_IN, FLOAT, ["T", d.hidden_size])
     x = g.rms_norm(x, final_norm, d.rms_norm_eps, "final_norm")
     g.output(head_logits(g, x, lm_head, form), io.HEAD_OUT, FLOAT, ["T", d.vocab_size])
-    return g.model({MS_DOMAIN: 1} if any(n.domain == MS_DOMAIN for n in g.nodes) else None)
+    opsets = {MS_DOMAIN: 1} if any(n.domain == MS_DOMAIN for n in g.nodes) else None
+    return g.streamed(opsets) if streamed else g.model(opsets)
 
 
 # --- grouped-query attention, as Mixtral, Qwen and OLMoE checkpoints store it ---------------
