@@ -18,11 +18,12 @@ import copy
 import dataclasses
 import time
 from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
 from dymoe.bundle import graph_io as io
+from dymoe.bundle.completions import Completions
 from dymoe.bundle.errors import BundleError, DymoeError, InputError
 from dymoe.bundle.precisions import RANK, SKIP
 
@@ -166,13 +167,13 @@ class Orchestrator:
 
         for e, session in ready.items():
             forward(e, session)
+        arrivals = Completions(pending)  # not concurrent.futures.wait: see bundle/completions.py
         while pending:
             t = time.perf_counter()
-            done, _ = wait(list(pending), return_when=FIRST_COMPLETED)
+            future = arrivals.next()
             self.c.stall(time.perf_counter() - t, decode)
-            for future in done:
-                e = pending.pop(future)
-                forward(e, self._collect((step.layer, e), wanted[e]))
+            e = pending.pop(future)
+            forward(e, self._collect((step.layer, e), wanted[e]))
         for e in deferred:
             t = time.perf_counter()
             session = self._load_now((step.layer, e), wanted[e], protect - {(step.layer, d) for d in outputs}).session

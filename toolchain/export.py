@@ -16,7 +16,6 @@ import hashlib
 import json
 import platform
 import time
-from concurrent.futures import as_completed
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from dymoe.bundle.completions import as_done
 from dymoe.bundle.errors import BundleError, CheckpointError, InputError
 from dymoe.bundle.folder import folder_state, foreign_error, remove_listed, remove_temp_files
 from dymoe.bundle.fsutil import atomic_write_bytes, require_free_space, sha256_file
@@ -313,7 +313,7 @@ def _export_locked(model: str, src: CheckedCheckpoint, precisions: tuple[str, ..
             with worker_pool(options.workers, setup=functools.partial(set_blas_threads, 1)) as pool:
                 futures = {pool.submit(fn, *args): units for fn, args, units in jobs}
                 try:
-                    for fut in as_completed(futures):  # journaled as they finish: a kill loses the least
+                    for fut in as_done(futures):  # journaled as they finish: a kill loses the least
                         record(fut.result(), futures[fut])
                 except BaseException:
                     for f in futures:
