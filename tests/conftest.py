@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -10,6 +11,12 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 # measured engine costs and ORT-optimised graphs are cached per user: keep tests' apart
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="dymoe-test-cache-")
+# The Ctrl-C tests need SIGINT delivered. A non-interactive shell starts background jobs (`make test &`)
+# with SIGINT ignored, and an ignored signal stays ignored in every child: this process would never
+# see the tests' own SIGINT, and the CLI processes they interrupt would run on. Python's handler here
+# is reset to the default in each child it starts.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 from tiny_models import ARCHS, make_tiny_model  # noqa: E402
 
