@@ -86,7 +86,7 @@ def profile(bundle: Path, precision: str, prompt: list[int], tokens: int, repeat
         steps = len(r.token_ids) - 1
         parts = {k: (sum(v) - pre.get(k, (0, 0))[0]) / steps for k, v in book.items()}
         calls = (len(expert_calls) + sum(len(v) for k, v in book.items() if k != "experts") - pre_calls) / steps
-        total = sum(r.token_times_s) / len(r.token_times_s)
+        total = r.tpot_s
         per_token.append({**parts, "python and glue": total - sum(parts.values()), "total": total, "calls": calls})
     experts.close()
     keys = per_token[0].keys()

@@ -22,6 +22,8 @@ import onnx
 from _common import med, show, write_json
 from onnx import TensorProto, helper
 
+from dymoe.runtime.experts import LayerStep, combine
+from dymoe.runtime.options import EXPERT_THREADS
 from dymoe.runtime.ort_session import create_session
 from dymoe.toolchain.expert_graph import build_expert_model
 
@@ -86,7 +88,7 @@ def main() -> None:
     separate = [[create_session(b, 1, "expert") for b in blobs] for _ in range(args.layers)]
     one = [create_session(fused_blob, 1, "fused") for _ in range(args.layers)]
     one2 = [create_session(fused_blob, 2, "fused") for _ in range(args.layers)]
-    pool = ThreadPoolExecutor(1)
+    pool = ThreadPoolExecutor(EXPERT_THREADS - 1)
 
     # the same sum, so the arrangements are compared on equal work (and checked to agree)
     def step_separate() -> np.ndarray:
@@ -94,12 +96,13 @@ def main() -> None:
             y = sum(wi * s.run(None, {"x": x})[0] for wi, s in zip(w, layer, strict=True))
         return y
 
-    def step_two_threads() -> np.ndarray:  # dymoe's EXPERT_THREADS=2: half the experts on a pool thread
-        half = TOP_K // 2
+    # dymoe's own code path: runtime/experts.combine dealing a layer's experts over EXPERT_THREADS
+    step = LayerStep(0, "decode", x, np.arange(TOP_K)[None, :], w[None, :], np.zeros(1, np.float32), x)
+
+    def step_dymoe() -> np.ndarray:
         for layer in separate:
-            other = pool.submit(lambda layer=layer: [s.run(None, {"x": x})[0] for s in layer[half:]])
-            ys = [s.run(None, {"x": x})[0] for s in layer[:half]] + other.result()
-            y = sum(wi * yi for wi, yi in zip(w, ys, strict=True))
+            y = combine(step, lambda e, xe, layer=layer: layer[e].run(None, {"x": xe})[0], pool=pool,
+                        threads=EXPERT_THREADS)
         return y
 
     def step_fused(sessions) -> np.ndarray:
@@ -108,7 +111,7 @@ def main() -> None:
         return y
 
     arrangements = {"8 calls per layer, 1 thread": step_separate,
-                    "8 calls per layer, 2 threads (dymoe)": step_two_threads,
+                    "8 calls per layer, 2 threads (dymoe)": step_dymoe,
                     "1 fused call per layer, 1 thread": lambda: step_fused(one),
                     "1 fused call per layer, 2 intra-op threads": lambda: step_fused(one2)}
     ref = step_separate()

@@ -35,6 +35,7 @@ from _export_profile import profile_backbone, profile_experts
 from _watch import watch_rss
 
 from dymoe.bundle.manifest import read_manifest
+from dymoe.bundle.naming import EMBED, EXPORT_JOURNAL, HEAD
 from dymoe.toolchain.checkpoint import Checkpoint
 from dymoe.toolchain.synthetic import write_synthetic_checkpoint
 
@@ -42,7 +43,6 @@ from dymoe.toolchain.synthetic import write_synthetic_checkpoint
 SHAPE = dict(hidden=2048, intermediate=768, experts=128, top_k=8, heads=32, kv_heads=4, head_dim=128,
              vocab=151936, model_type="qwen3_moe", max_position_embeddings=40960)
 FULL_LAYERS = 48
-JOURNAL = ".dymoe-export.jsonl"
 
 
 def checkpoint(layers: int) -> Path:
@@ -68,7 +68,7 @@ class JournalClock:
     was appended since the last poll (the journal of a whole model has 25k lines)."""
 
     def __init__(self, out: Path, backbone_files: int) -> None:
-        self.path, self.seen, self.created, self.offset, self.tail = out / JOURNAL, {}, None, 0, b""
+        self.path, self.seen, self.created, self.offset, self.tail = out / EXPORT_JOURNAL, {}, None, 0, b""
         self.backbone_files = backbone_files
         self.backbone_done = None  # when the last backbone file appeared (the journal's first part)
         self.expert_peak = 0.0  # tree RSS (MiB) once every backbone file is done: the expert phase
@@ -127,7 +127,7 @@ def run_once(src: Path, out: Path, workers: int, args) -> dict:
             "experts_s": seconds - t_backbone, "expert_files": len(experts), "peak_rss_mib": peak_one,
             "peak_tree_rss_mib": peak_tree, "expert_phase_peak_tree_rss_mib": clock.expert_peak,
             "expert_bytes": sizes, "backbone_bytes": sum(bb.values()),
-            "embed_head_bytes": bb.get("backbone/embed.onnx", 0) + bb.get("backbone/head.onnx", 0),
+            "embed_head_bytes": bb.get(EMBED, 0) + bb.get(HEAD, 0),
             "mean_errors": errors}
 
 

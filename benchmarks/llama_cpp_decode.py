@@ -43,7 +43,6 @@ from decode_profile import extrapolate, profile
 from export_qwen3_30b_shape import FULL_LAYERS, checkpoint
 
 LLAMA_CPP_PYTHON = "0.3.36"  # the llama-cpp-python sdist whose vendored llama.cpp is built
-HERE = Path(__file__).resolve().parent
 
 # Run by a child Python: llama.cpp's converter, with the vocabulary replaced by "none" plus its size.
 _CONVERT = """
@@ -124,7 +123,7 @@ def llama_bench(bindir: Path, gguf: Path, threads: int, tokens: int, repeats: in
 def dymoe_bundle(ckpt: Path, backbone: str) -> Path:
     out = CACHE / f"bundle_{ckpt.name}_int4_bb{backbone}"
     if not (out / "manifest.json").exists():
-        run([HERE.parent / ".venv" / "bin" / "dymoe", "export", ckpt, "--out", out, "--precisions", "int4",
+        run([sys.executable, "-m", "dymoe.cli", "export", ckpt, "--out", out, "--precisions", "int4",
              "--backbone-precision", backbone, "--workers", str(min(2, os.cpu_count() or 1)), "--force"])
     return out
 
@@ -163,6 +162,7 @@ def main() -> None:
             rounds[n].append(llama_bench(bindir, ggufs[n], args.threads, args.tokens, args.repeats))
     engines = {"llama.cpp Q4_0": [med([r["ms_per_token"] for r in rounds[n]]) for n in depths]}
     detail = {"llama.cpp Q4_0": [{"layers": n, "rounds": rounds[n]} for n in depths]}
+    deepest: dict[str, dict] = {}  # dymoe's profile (seconds) at the largest depth
     for n in depths:
         vocab = json.loads((ckpts[n] / "config.json").read_text())["vocab_size"]
         prompt = [int(t) for t in np.random.default_rng(0).integers(0, vocab, args.prompt)]
@@ -172,6 +172,7 @@ def main() -> None:
             engines.setdefault(name, []).append(p["total"] * 1e3)
             counts = ("calls", "layers", "moe_layers", "top_k")
             detail.setdefault(name, []).append({k: v if k in counts else v * 1e3 for k, v in p.items()})
+            deepest[name] = p
     rows, out = [], {"threads": args.threads, "tokens": args.tokens, "prompt": args.prompt,
                      "llama_cpp_python_sdist": LLAMA_CPP_PYTHON, "engines": {}}
     slope, intercept = fit(depths, engines["llama.cpp Q4_0"])
@@ -182,11 +183,8 @@ def main() -> None:
         entry = {"ms_per_token": dict(zip(depths, ms, strict=True)), "per_layer_ms": slope, "fixed_ms": intercept,
                  f"extrapolated_{FULL_LAYERS}_ms": full, "runs": detail[name]}
         by_parts = ""
-        if name != "llama.cpp Q4_0":  # dymoe also times its parts: scale the deepest run's per-layer parts
-            deepest = dict(detail[name][-1])
-            parts = extrapolate({k: v if k in ("calls", "layers", "moe_layers", "top_k") else v / 1e3
-                                 for k, v in deepest.items()}, FULL_LAYERS)
-            entry[f"by_parts_{FULL_LAYERS}_ms"] = by_parts = parts["total"] * 1e3
+        if name in deepest:  # dymoe also times its parts: scale the deepest run's per-layer parts
+            entry[f"by_parts_{FULL_LAYERS}_ms"] = by_parts = extrapolate(deepest[name], FULL_LAYERS)["total"] * 1e3
         out["engines"][name] = entry
         rows.append([name, *ms, slope, intercept, full, full / base, by_parts,
                      by_parts / base if by_parts else ""])

@@ -230,7 +230,8 @@ def requantize(
     if quantizer not in QUANTIZERS:
         raise InputError(f"unknown quantizer {quantizer!r}", f"choose from {', '.join(QUANTIZERS)}")
     if gptq_min_tokens < 1:
-        raise InputError(f"--gptq-min-tokens {gptq_min_tokens} must be at least 1", "for example --gptq-min-tokens 64")
+        raise InputError(f"--gptq-min-tokens {gptq_min_tokens} must be at least 1",
+                         f"for example --gptq-min-tokens {export_defaults.GPTQ_MIN_TOKENS}")
     t0 = time.perf_counter()
     try:
         with reporter(err) as progress:

@@ -52,13 +52,16 @@ def _digest(folder: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def _cache_root() -> Path:
+    import os
+
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dymoe" / "demo"
+
+
 def demo_bundle_dir(model: Path | None = None) -> Path:
     """Where the demo keeps the bundle of ``model`` (default: the shipped one), by content and
     bundle format."""
-    import os
-
-    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dymoe" / "demo"
-    return base / f"bundle-{_digest(model or demo_model_dir())}"
+    return _cache_root() / f"bundle-{_digest(model or demo_model_dir())}"
 
 
 def demo_heldout_for(bundle: Path) -> Path | None:
@@ -104,7 +107,7 @@ def ensure_widened_bundle(factor: int, progress: ProgressFn | None = None) -> Pa
     from dymoe.toolchain.widen import widen_checkpoint
 
     source = demo_model_dir()
-    base = demo_bundle_dir(source).parent / f"widened-k{factor}-{_digest(source)}"
+    base = _cache_root() / f"widened-k{factor}-{_digest(source)}"
     out = base / "bundle"
     if not (out / MANIFEST_NAME).is_file():
         ckpt = base / "checkpoint"
@@ -123,7 +126,7 @@ def _short(path: Path) -> str:
 
 
 def run_demo(console, err, model: Path | None = None, budget: str = DEMO_BUDGET, max_new_tokens: int = 48,
-             progress_scope=None, repeats: int | None = None, widen: int | None = None) -> dict:
+             progress_scope=None, widen: int | None = None) -> dict:
     """The whole demo; returns what it measured (for tests). ``progress_scope()`` gives a context
     manager yielding a progress listener; it is entered only around work with nothing else to show
     (exporting, comparing), never while the generated text streams to stdout."""
@@ -144,7 +147,7 @@ def run_demo(console, err, model: Path | None = None, budget: str = DEMO_BUDGET,
         raise DymoeError("--widen widens the shipped demo model, not --model", "drop one of them")
     scope = progress_scope or (lambda: contextlib.nullcontext(None))
     folder = Path(model) if model else demo_model_dir()
-    repeats = repeats or (WIDENED_REPEATS if widen else DEMO_REPEATS)
+    repeats = WIDENED_REPEATS if widen else DEMO_REPEATS
     t0 = time.perf_counter()
     with scope() as progress:
         bundle = ensure_widened_bundle(widen, progress) if widen else ensure_demo_bundle(model, progress=progress)

@@ -40,10 +40,10 @@ class GptqOptions:
                 "dymoe calibrate BUNDLE --data FILE --collect-inputs and dymoe requantize BUNDLE --quantizer gptq")
         if self.min_tokens < 1:
             raise InputError(f"--gptq-min-tokens {self.min_tokens} must be at least 1",
-                             "for example --gptq-min-tokens 64")
+                             f"for example --gptq-min-tokens {GPTQ_MIN_TOKENS}")
         if self.inputs_per_expert < 1:
             raise InputError(f"--inputs-per-expert {self.inputs_per_expert} must be at least 1",
-                             "for example --inputs-per-expert 1024")
+                             f"for example --inputs-per-expert {INPUTS_PER_EXPERT}")
         if not set(FLOAT) & set(precisions):
             raise InputError("--quantizer gptq needs a float precision in --precisions: the calibration pass "
                              "runs it, and the integer variants are requantized from it",

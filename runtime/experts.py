@@ -50,16 +50,17 @@ def groups(step: LayerStep):
         yield int(e), tok, slot
 
 
-def accumulate(step: LayerStep, outputs: dict[int, np.ndarray | None], weights: np.ndarray | None = None
-               ) -> np.ndarray:
+def accumulate(step: LayerStep, outputs: dict[int, np.ndarray | None], weights: np.ndarray | None = None,
+               grouped: list | None = None) -> np.ndarray:
     """Sum ``weight * y`` over each token's selected experts from ``outputs[e]`` (``y [n, H]`` for
     the tokens routed to ``e``, None for a skipped expert), in ascending expert order whatever
     order they were computed in, so the result does not depend on load timing. ``weights``
-    overrides the step's routing weights (renormalised after skips)."""
+    overrides the step's routing weights (renormalised after skips); ``grouped``: the step's
+    :func:`groups`, when the caller already has them (it runs on every layer of every token)."""
     x = step.router_input
     w = step.weights if weights is None else weights
     out = np.zeros_like(x)
-    for e, tok, slot in groups(step):
+    for e, tok, slot in groups(step) if grouped is None else grouped:
         y = outputs.get(e)
         if y is not None:
             out[tok] += w[tok, slot][:, None] * y
@@ -75,19 +76,19 @@ def combine(step: LayerStep, expert_forward, weights: np.ndarray | None = None,
     the pool (ORT releases the GIL in ``run``): one hand-off per thread, not one per expert, since
     a decode step's expert takes tens of microseconds."""
     x = step.router_input
-    jobs = [(e, tok) for e, tok, _ in groups(step)]
+    jobs = list(groups(step))
 
     def share(part: list) -> dict[int, np.ndarray | None]:
-        return {e: expert_forward(e, x[tok]) for e, tok in part}
+        return {e: expert_forward(e, x[tok]) for e, tok, _ in part}
 
     if pool is None or threads < 2 or len(jobs) < 2:
-        return accumulate(step, share(jobs), weights)
+        return accumulate(step, share(jobs), weights, jobs)
     parts = [jobs[i::threads] for i in range(min(threads, len(jobs)))]
     futures = [pool.submit(share, part) for part in parts[1:]]
     outputs = share(parts[0])
     for f in futures:
         outputs.update(f.result())
-    return accumulate(step, outputs, weights)
+    return accumulate(step, outputs, weights, jobs)
 
 
 class ExpertSessions:

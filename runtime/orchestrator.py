@@ -151,7 +151,8 @@ class Orchestrator:
             self._prefetch(step)
 
         x = step.router_input
-        tokens = {e: tok for e, tok, _ in groups(step)}
+        grouped = list(groups(step))
+        tokens = {e: tok for e, tok, _ in grouped}
         outputs: dict[int, np.ndarray] = {}
         # a prompt's experts are independent matmuls on their own tokens: run them side by side
         pool = self._compute_pool() if step.phase == "prefill" else None
@@ -167,7 +168,7 @@ class Orchestrator:
 
         for e, session in ready.items():
             forward(e, session)
-        arrivals = Completions(pending)  # not concurrent.futures.wait: see bundle/completions.py
+        arrivals = Completions(pending) if pending else None  # not concurrent.futures.wait: see its module
         while pending:
             t = time.perf_counter()
             future = arrivals.next()
@@ -183,7 +184,7 @@ class Orchestrator:
             outputs[e] = future.result()[0]
             if not self.config.cache:
                 self.resident.evict((step.layer, e))
-        return accumulate(step, outputs, weights)
+        return accumulate(step, outputs, weights, grouped)
 
     def _compute_pool(self) -> ThreadPoolExecutor | None:
         if self.config.compute_threads <= 1:

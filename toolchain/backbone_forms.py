@@ -37,6 +37,7 @@ from .blockquant import QuantizedMatrix, dequantize, quantize_rtn
 from .expert_graph import MS_DOMAIN, nbits_matmul, qdq_weight
 from .hqq import quantize_hqq
 from .onnx_build import FLOAT, GraphBuilder
+from .transpose import c_order
 from .vocab_rows import VocabRows, quantize_vocab
 
 # MatMul weights (initializer names, as the blocks name them) that stay float32 at every precision
@@ -176,7 +177,7 @@ def gather_rows(g: GraphBuilder, embed: np.ndarray | VocabRows, ids: str, form: 
     # int8: blocks run along H within each row (quantized as the [H, V] matrix, one column per token)
     qm = quantize_vocab(embed, lambda w: quantize_matrix(w, BITS[form.embedding], form), rows_major=True)
     table = {"embed_codes": qm.q.T, "embed_scale": qm.scale.T, "embed_zero_point": qm.zero_point.T}
-    rows = {k: g.op("Gather", [g.init(k, np.ascontiguousarray(v)), ids], axis=0) for k, v in table.items()}
+    rows = {k: g.op("Gather", [g.init(k, c_order(v)), ids], axis=0) for k, v in table.items()}
     return g.op("DequantizeLinear", [rows["embed_codes"], rows["embed_scale"], rows["embed_zero_point"]],
                 axis=1, block_size=qm.block_size)
 

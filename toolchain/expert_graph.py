@@ -149,7 +149,7 @@ def _probe_reference(gate, up, down, xp: np.ndarray, memo: dict | None) -> tuple
         return memo["probe reference"]
     ws = [np.asarray(w, dtype=np.float32).T for w in (gate, up, down)]  # [K, N] views
     ref2 = sum(float(np.sum(np.square(w), dtype=np.float64)) for w in ws)
-    y = (silu(xp @ ws[0]) * (xp @ ws[1])) @ ws[2]
+    y = reference_forward(xp, gate, up, down)
     if memo is not None:
         memo["probe reference"] = (ref2, y)
     return ref2, y
@@ -162,7 +162,7 @@ def _probe_reference(gate, up, down, xp: np.ndarray, memo: dict | None) -> tuple
 def qdq_weight(proj: str, qm: QuantizedMatrix, out: str, make=numpy_helper.from_array):
     """Initializers + DequantizeLinear node producing float ``[K, N]`` named ``out`` (the backbone's
     quantized linears use the very same form, ``backbone_forms.py``). ``make(array, name)`` turns
-    an 8-bit weight's arrays into initializers (a graph builder's may keep large ones aside)."""
+    arrays into initializers (a graph builder's may keep large ones aside); 4-bit codes are packed here."""
     K, N = qm.K, qm.N
     if qm.bits == 8:
         w = make(c_order(qm.q), f"{proj}_w")
@@ -176,7 +176,7 @@ def qdq_weight(proj: str, qm: QuantizedMatrix, out: str, make=numpy_helper.from_
                                 pack_codes(qm.zero_point.reshape(-1), 4).tobytes(), raw=True)
     else:
         raise ValueError(f"QDQ format supports 8 and 4 bits, got {qm.bits}")
-    scale = (make if qm.bits == 8 else numpy_helper.from_array)(qm.scale, f"{proj}_scale")
+    scale = make(qm.scale, f"{proj}_scale")
     node = helper.make_node("DequantizeLinear", [w.name, scale.name, zp.name], [out],
                             name=f"{proj}_dequant", axis=0, block_size=qm.block_size)
     return [w, scale, zp], node
@@ -203,8 +203,8 @@ def nbits_matmul(proj: str, qm: QuantizedMatrix, a: str, out: str, accuracy_leve
     packed_b = pack_codes(codes_nk.reshape(N, nb, B), bits)
     del codes_nk
     w = make(packed_b, f"{proj}_w")
-    scale = make(np.ascontiguousarray(qm.scale.T), f"{proj}_scale")
-    zp = make(pack_codes(np.ascontiguousarray(qm.zero_point.T), bits), f"{proj}_zero_point")
+    scale = make(c_order(qm.scale.T), f"{proj}_scale")
+    zp = make(pack_codes(c_order(qm.zero_point.T), bits), f"{proj}_zero_point")
     attrs = dict(K=K, N=N, bits=bits, block_size=B)
     if accuracy_level:
         attrs["accuracy_level"] = accuracy_level

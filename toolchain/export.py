@@ -173,9 +173,6 @@ def _backbone_task(folder: str, out: str, model_type: str, settings: Any, mappin
     return write_graph(Path(out), rel, model, limit)
 
 
-WHAT = 5  # where a backbone task's arguments say which graph it writes
-
-
 def _backbone_tasks(tasks: list[tuple]) -> dict[str, dict]:
     """Several backbone graphs, one after another in one worker (``tasks``: each one's arguments)."""
     done: dict[str, dict] = {}
@@ -284,13 +281,16 @@ def _export_locked(model: str, src: CheckedCheckpoint, precisions: tuple[str, ..
               *(("router", layer, router_path(layer)) for layer in spec.moe_layers)]
     common = (str(src.folder), str(out))
     form = backbone_form(options)
-    backbone = [(*common, spec.model_type, src.settings, src.mapping, what, layer, form, options.external_data_bytes)
-                for what, layer, rel in graphs if rel not in done]
+    backbone = {what: [] for what in ("vocab", "other")}
+    for what, layer, rel in graphs:
+        if rel not in done:
+            backbone["vocab" if what in ("embed", "head") else "other"].append(
+                (*common, spec.model_type, src.settings, src.mapping, what, layer, form, options.external_data_bytes))
     # (function, arguments, graphs it writes). The embedding and the LM head go first, together:
     # the others overlap them, and no two workers ever hold a vocabulary-sized tensor at once.
-    big = [a for a in backbone if a[WHAT] in ("embed", "head")]
+    big = backbone["vocab"]
     jobs: list[tuple] = [(_backbone_tasks, (big,), len(big))] if big else []
-    jobs += [(_backbone_task, a, 1) for a in backbone if a[WHAT] not in ("embed", "head")]
+    jobs += [(_backbone_task, a, 1) for a in backbone["other"]]
     for layer in spec.moe_layers:
         for e in range(spec.num_experts):
             if all(expert_path(layer, e, p) in done for p in precisions):

@@ -182,11 +182,12 @@ def _requantize_locked(bundle: Path, options: RequantizeOptions) -> Manifest:
             x = None
         if x is not None:
             x = RoutedInputs(x)  # shared by the expert's precisions
+        memo: dict = {}  # and what they derive from the same weights, as export shares it
         for p, rel in rels.items():
             if rel in done:
                 continue
             finished = {rel: write_expert(bundle, rel, gate, up, down, p, manifest.quantization.block_size,
-                                          qopts, name=f"l{entry.layer}_e{entry.expert}_{p}", inputs=x)}
+                                          qopts, name=f"l{entry.layer}_e{entry.expert}_{p}", inputs=x, memo=memo)}
             if x is None and qopts.needs_inputs:  # the expert got no routed token at all
                 finished[rel]["calibration_tokens"] = 0
             done.update(finished)
